@@ -84,15 +84,17 @@ def _shard_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has no model.safetensors nor model.safetensors.index.json")
 
 
-def init_random(model: DiffusionLM, seed: int = 0) -> DiffusionLM:
-    """Fill weights with N(0, 0.02) (norms 1, biases small), fast enough for 8B shapes on a GPU."""
+def init_random(model: DiffusionLM, seed: int = 0, std: float | None = None) -> DiffusionLM:
+    """Fill weights with N(0, std) (default 1/sqrt(d_model): ~0.016 at 8B shapes, large enough at tiny
+    shapes that attention and logits are far from uniform), norms with 1; fast on a GPU."""
+    std = model.config.d_model ** -0.5 if std is None else std
     g = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, 0.02, generator=g)
+                p.normal_(0.0, std, generator=g)
     return model
 
 

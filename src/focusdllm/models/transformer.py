@@ -129,6 +129,10 @@ class DiffusionLM(nn.Module):
         With `attention_mask` (B, L) (1 = token, 0 = pad), pad keys are masked out and positions
         default to cumsum(mask) - 1, so a left-padded row equals the same prompt run alone.
         """
+        return self.logits(self.hidden(input_ids, attention_mask, positions))
+
+    def hidden(self, input_ids, attention_mask=None, positions=None) -> torch.Tensor:
+        """The last layer's output (B, L, C), before the final norm."""
         if positions is None:
             if attention_mask is None:
                 positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -141,4 +145,8 @@ class DiffusionLM(nn.Module):
         for blk in self.blocks:
             q, k, v = blk.qkv(x, self.rope, cos, sin)
             x = blk.finish(x, dense_attention(q, k, v, valid))
-        return self.lm_head(self.norm(x))
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: (..., C) -> (..., vocab)."""
+        return self.lm_head(self.norm(h))

@@ -1,0 +1,35 @@
+"""Fixed-capacity KV cache holding post-RoPE keys, head-split, written in place.
+
+Keys are cached after RoPE (Fast-dLLM caches them before and re-rotates the whole context at
+every layer of every step). The last slot of the capacity is never valid: writes that must be
+discarded (padding rows, query-only rows) land there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """K/V of every layer: (n_layers, B, Hkv, Cap, D), plus per-layer prompt block means."""
+
+    def __init__(self, n_layers, batch, n_kv_heads, capacity, head_dim, dtype, device):
+        shape = (n_layers, batch, n_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.trash = capacity - 1
+        self.block_rep: list[torch.Tensor | None] = [None] * n_layers  # each (B, Hkv, NBp, D)
+
+    def write(self, layer: int, rows: torch.Tensor, write: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Scatter k, v (B, Hkv, T, D) into slots rows (B, T); rows with write=False go to the trash slot."""
+        slots = torch.where(write, rows, torch.full_like(rows, self.trash))
+        idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])  # (B, Hkv, T, D)
+        self.k[layer].scatter_(2, idx, k)
+        self.v[layer].scatter_(2, idx, v)
+
+    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """A full refresh: slots [0, T) get k, v (B, Hkv, T, D)."""
+        t = k.shape[2]
+        self.k[layer, :, :, :t] = k
+        self.v[layer, :, :, :t] = v

@@ -1,0 +1,140 @@
+"""Network passes of the decode loop: the full (refresh / vanilla) forward and the row step.
+
+A row step computes only `StepRows.rows` against the cache. Layers 0..sink_layer attend to every
+valid key; at sink_layer the sinks are found once and reused by every later layer, which attends
+to top-K prompt blocks ∪ sinks ∪ all response keys (DESIGN.md steps 4-6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention.backend import sparse_attention
+from ..cache import KVCache
+from ..focus.indicator import StepRows
+from ..focus.selection import block_representatives, block_scores, select_keys
+from ..focus.sinks import sink_scores, top_sinks
+from ..models.transformer import DiffusionLM, dense_attention
+
+
+@dataclass
+class Canvas:
+    """The compacted batch: row b holds its prompt (left padding removed) at slots [0, P_b), its
+    G generation slots after it, then unused slots. Positions (RoPE) are slot indices.
+
+    Attributes:
+        x: (B, L) tokens, L = max P_b + G.
+        prompt_len, row_len: (B,) prompt length and P_b + G.
+        valid: (B, Cap) bool slot holds a real token; Cap >= L + 1 (the last slot is scratch).
+        padded: some row is shorter than L (dense attention then needs the valid mask).
+    """
+
+    x: torch.Tensor
+    prompt_len: torch.Tensor
+    row_len: torch.Tensor
+    valid: torch.Tensor
+    gen_length: int
+    padded: bool
+    max_prompt: int
+
+    @property
+    def length(self) -> int:
+        return self.x.shape[1]
+
+    def kv_valid(self, n: int) -> torch.Tensor | None:
+        return self.valid[:, :n] if self.padded else None
+
+
+@dataclass
+class SparsePlan:
+    """Per-generate constants of Focus-dLLM's sparse layers."""
+
+    sink_layer: int
+    num_sinks: int
+    per_head: bool
+    block_size: int
+    n_blocks_host: int  # prompt blocks of the longest prompt
+    n_blocks_row: torch.Tensor  # (B,)
+    n_keep: torch.Tensor  # (B,) K per row
+    response: torch.Tensor  # (B, Cap) bool: slots [P_b, P_b + G)
+    backend: str
+    record: bool = False  # keep the step's sinks / kept blocks for callbacks
+    last: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepStats:
+    """Device-side accumulators (no host sync inside the loop)."""
+
+    density_sum: torch.Tensor  # (n_layers,) sum over sparse steps of mean attended-key density
+    sparse_steps: int = 0
+    active_rows: int = 0
+    row_steps: int = 0
+
+
+def full_forward(model: DiffusionLM, canvas: Canvas, cache: KVCache | None, rep_plan: SparsePlan | None):
+    """Dense forward over the whole canvas (vanilla step or cache refresh). Returns (B, L, C)."""
+    b, n = canvas.x.shape
+    pos = torch.arange(n, device=canvas.x.device).expand(b, -1)
+    cos, sin = model.rope.cos_sin(pos, model.dtype)
+    valid = canvas.kv_valid(n)
+    h = model.embed(canvas.x)
+    for i, blk in enumerate(model.blocks):
+        q, k, v = blk.qkv(h, model.rope, cos, sin)
+        if cache is not None:
+            cache.write_prefix(i, k, v)
+            if rep_plan is not None and i > rep_plan.sink_layer:
+                cache.block_rep[i] = block_representatives(
+                    cache.k[i], canvas.prompt_len, rep_plan.block_size, rep_plan.n_blocks_host
+                )
+        h = blk.finish(h, dense_attention(q, k, v, valid))
+    return h
+
+
+def row_forward(
+    model: DiffusionLM,
+    canvas: Canvas,
+    cache: KVCache,
+    rows: StepRows,
+    plan: SparsePlan | None,
+    stats: StepStats,
+) -> torch.Tensor:
+    """Run `rows` through the network against the cache; their K/V are written first (in place).
+
+    Returns the last layer's output for the rows, (B, T, C).
+    """
+    n = canvas.length
+    cos, sin = model.rope.cos_sin(rows.rows, model.dtype)
+    h = model.embed(torch.gather(canvas.x, 1, rows.rows))
+    valid = canvas.kv_valid(n)
+    token_keep = None
+    n_layers = len(model.blocks)
+    for i, blk in enumerate(model.blocks):
+        q, k, v = blk.qkv(h, model.rope, cos, sin)
+        cache.write(i, rows.rows, rows.write, k, v)
+        if plan is None or i <= plan.sink_layer:
+            o = dense_attention(q, cache.k[i, :, :, :n], cache.v[i, :, :, :n], valid)
+            if plan is not None and i == plan.sink_layer and i < n_layers - 1:
+                token_keep = plan.response
+                if plan.num_sinks > 0:
+                    p = plan.n_blocks_host * plan.block_size
+                    s = sink_scores(q, cache.k[i, :, :, :p], rows.active, canvas.prompt_len)
+                    sinks = top_sinks(s, plan.num_sinks, canvas.prompt_len)  # (B, p)
+                    token_keep = token_keep.clone()
+                    token_keep[:, :p] |= sinks
+                    if plan.record:
+                        plan.last["sinks"] = sinks
+                token_keep = token_keep[:, None, :]  # (B, 1, Cap)
+        else:
+            scores = block_scores(q, rows.focus, cache.block_rep[i], plan.per_head)
+            sel = select_keys(scores, plan.n_keep, plan.n_blocks_row, token_keep, canvas.valid, plan.block_size)
+            o = sparse_attention(q, cache.k[i], cache.v[i], sel, plan.backend)
+            stats.density_sum[i] += sel.density().mean()
+            if plan.record:
+                plan.last.setdefault("kept_blocks", {})[i] = sel.block_keep
+        h = blk.finish(h, o)
+    if plan is not None:
+        stats.sparse_steps += 1
+    return h

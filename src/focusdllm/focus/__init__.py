@@ -1,0 +1,1 @@
+"""Focus-dLLM pieces: the confidence indicator, attention sinks and sink-aware block selection."""

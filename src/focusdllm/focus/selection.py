@@ -1,0 +1,73 @@
+"""Sink-aware block selection for sparse layers (paper step: prompt KV pruning).
+
+Prompt keys are grouped in blocks of `block_size` from slot 0; a block's representative key is the
+mean of its cached keys (computed once per refresh). Focus queries score the blocks, the top-K
+blocks per selection head are kept, and sinks plus every response position are always kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange, reduce
+
+from ..attention.selection import KeySelection
+from ..decode.schedule import NEG, stable_rank
+
+
+def block_representatives(k: torch.Tensor, prompt_len: torch.Tensor, block_size: int, n_blocks: int):
+    """Mean-pooled keys of each prompt block over the prompt slots it holds.
+
+    Args:
+        k: (B, Hkv, Cap, D) cached post-RoPE keys of one layer.
+        prompt_len: (B,) prompt length per row.
+        n_blocks: blocks covering the longest prompt (host int).
+    Returns:
+        (B, Hkv, n_blocks, D) in k's dtype (accumulated in fp32).
+    """
+    span = n_blocks * block_size
+    inside = (torch.arange(span, device=k.device)[None, :] < prompt_len[:, None]).float()  # (B, span)
+    w = rearrange(inside, "b (n s) -> b n s", s=block_size)
+    kb = rearrange(k[:, :, :span].float(), "b h (n s) d -> b h n s d", s=block_size)
+    total = torch.einsum("bhnsd,bns->bhnd", kb, w)
+    return (total / w.sum(-1).clamp(min=1)[:, None, :, None]).to(k.dtype)
+
+
+def block_scores(q: torch.Tensor, focus: torch.Tensor, rep: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """Score = max over focus rows and the query heads of a group of q . k_rep.
+
+    Args:
+        q: (B, Hq, T, D) queries; focus: (B, T) bool focus rows; rep: (B, Hkv, NBp, D).
+    Returns:
+        (B, Hs, NBp) float32, Hs = Hkv (per_head) or 1 (shared).
+    """
+    hkv = rep.shape[1]
+    qg = rearrange(q, "b (h g) t d -> b h (g t) d", h=hkv)  # (B, Hkv, G*T, D)
+    s = torch.einsum("bhqd,bhnd->bhqn", qg.float(), rep.float())  # (B, Hkv, G*T, NBp)
+    g = q.shape[1] // hkv
+    fmask = focus.repeat(1, g)[:, None, :, None]  # (B, 1, G*T, 1), (g t) order
+    s = s.masked_fill(~fmask, NEG).amax(2)  # (B, Hkv, NBp)
+    return s if per_head else reduce(s, "b h n -> b 1 n", "max")
+
+
+def select_keys(
+    scores: torch.Tensor,
+    n_keep: torch.Tensor,
+    n_blocks_row: torch.Tensor,
+    token_keep: torch.Tensor,
+    valid: torch.Tensor,
+    block_size: int,
+) -> KeySelection:
+    """Top-K prompt blocks ∪ token-level keeps (sinks, response) as a `KeySelection`.
+
+    Args:
+        scores: (B, Hs, NBp) block scores; n_keep: (B,) K per row; n_blocks_row: (B,) prompt
+            blocks per row; token_keep: (B, 1, Cap) bool; valid: (B, Cap) bool.
+    """
+    b, hs, nbp = scores.shape
+    nb = valid.shape[1] // block_size
+    real = torch.arange(nbp, device=scores.device)[None, None, :] < n_blocks_row[:, None, None]
+    scores = scores.masked_fill(~real, NEG)
+    keep = (stable_rank(scores) < n_keep[:, None, None]) & real  # (B, Hs, NBp)
+    block_keep = torch.zeros(b, hs, nb, dtype=torch.bool, device=scores.device)
+    block_keep[:, :, :nbp] = keep
+    return KeySelection(block_keep, token_keep.expand(b, hs, -1), valid, block_size)
