@@ -59,7 +59,8 @@ def selection_mask_mod(sel: KeySelection, heads: int) -> Callable:
 
     Args:
         sel: the selection (Hs heads).
-        heads: query heads of the flex call (Hq, or Hkv when GQA is packed); head h reads set h // (heads // Hs).
+        heads: query heads of the flex call (Hq, or Hkv when GQA is packed);
+            head h reads set h // (heads // Hs).
     """
     block_keep, token_keep, valid, bs = sel.block_keep, sel.token_keep, sel.valid, sel.block_size
     div = heads // block_keep.shape[1]
@@ -136,7 +137,7 @@ def kernel_options(
     if device.type != "cuda":
         return None
     opts: dict = {}
-    # Main kernel needs KV_BLOCK % BLOCK_N == 0; H100 defaults BLOCK_N are 64 (d=128, fp32) or 128 (bf16 d=64).
+    # Main kernel needs KV_BLOCK % BLOCK_N == 0; H100 default BLOCK_N: 64 (d=128, fp32), 128 (bf16 d=64).
     if block_size < 128:
         opts["BLOCK_N"] = block_size
     # The flex-decoding kernel (Q < 128, mask H == 1 under GQA, pow2 group) picks
