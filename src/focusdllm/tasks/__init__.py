@@ -1,0 +1,19 @@
+"""Synthetic long-context tasks (passkey, multi-key needle, span copy) over a small integer vocabulary."""
+
+from .generators import (
+    GEN_LENGTH,
+    TASKS,
+    generate_case,
+    make_cases,
+    read_jsonl,
+    render,
+    target_ids,
+    write_jsonl,
+)
+from .scoring import dense_decode, evaluate, exact_match
+from .vocab import VOCAB, Vocab
+
+__all__ = [
+    "GEN_LENGTH", "TASKS", "VOCAB", "Vocab", "dense_decode", "evaluate", "exact_match", "generate_case",
+    "make_cases", "read_jsonl", "render", "target_ids", "write_jsonl",
+]
