@@ -183,7 +183,7 @@ def generate(
         if mode == "fastdllm":
             policy = CachePolicy(cache, shift, gen_length, block_length)
         else:
-            plan = _sparse_plan(focus, cfg.n_layers, canvas, dev, record=callback is not None)
+            plan = _sparse_plan(focus, cfg.n_layers, canvas, model.dtype, record=callback is not None)
             policy = FocusPolicy(focus, shift, gen_length, block_length, plan, rule)
 
     stats = StepStats(density_sum=torch.zeros(cfg.n_layers, device=dev))
@@ -262,10 +262,11 @@ def generate(
     return GenerateOutput(out, nfe, stats_d)
 
 
-def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dev, record: bool) -> SparsePlan:
+def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dtype, record: bool) -> SparsePlan:
     from ..attention.backend import resolve_backend
 
     bs = focus.block_size
+    dev = canvas.x.device
     nb_row = (canvas.prompt_len + bs - 1) // bs
     n_keep = torch.tensor(
         [focus.n_keep_blocks(int(n)) for n in nb_row.tolist()], device=dev, dtype=torch.long
@@ -277,7 +278,7 @@ def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dev, record:
         sink_layer=focus.resolve_sink_layer(n_layers), num_sinks=focus.num_sinks,
         per_head=focus.per_head, block_size=bs, n_blocks_host=-(-canvas.max_prompt // bs),
         n_blocks_row=nb_row, n_keep=n_keep, response=response,
-        backend=resolve_backend(focus.backend, dev, canvas.x.dtype), record=record,
+        backend=resolve_backend(focus.backend, dev, dtype), record=record,
     )
 
 

@@ -80,7 +80,9 @@ def make_canvas(input_ids, attention_mask, gen_length, mask_id, pad_id, capacity
         am = attention_mask.bool()
         # left padding only: once a row has a token, it has tokens to the end
         if bool((am[:, 1:].long() < am[:, :-1].long()).any()):
-            raise ValueError("attention_mask must be left padding (zeros then ones per row); right-pad is not supported")
+            raise ValueError(
+                "attention_mask must be left padding (zeros then ones per row); right padding is not supported"
+            )
     prompt_len = am.sum(1)
     if bool((prompt_len == 0).any()):
         raise ValueError("a row of attention_mask is all zeros: every prompt needs at least one token")

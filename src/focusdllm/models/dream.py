@@ -51,8 +51,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
         "intermediate_size": cfg.mlp_hidden, "vocab_size": cfg.vocab_size,
-        "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
-        "rope_scaling": None if cfg.rope_scaling == 1.0 else {"type": "ntk", "factor": cfg.rope_scaling},
+        "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta * cfg.rope_scaling,
+        # the official code ignores (LLaDA) or rejects (Dream) a theta factor: bake it into rope_theta
+        "rope_scaling": None,
         "hidden_act": "silu", "tie_word_embeddings": False, "max_position_embeddings": 131072,
         "attention_dropout": 0.0, "use_cache": False, "torch_dtype": "float32",
         "mask_token_id": cfg.mask_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,

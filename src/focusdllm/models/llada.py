@@ -66,8 +66,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
         "n_kv_heads": cfg.n_kv_heads, "mlp_hidden_size": cfg.mlp_hidden, "mlp_ratio": 4,
         "vocab_size": cfg.vocab_size, "embedding_size": cfg.vocab_size,
-        "rope": True, "rope_theta": cfg.rope_theta, "rope_full_precision": True,
-        "rope_scaling": None if cfg.rope_scaling == 1.0 else {"type": "ntk", "factor": cfg.rope_scaling},
+        "rope": True, "rope_theta": cfg.rope_theta * cfg.rope_scaling, "rope_full_precision": True,
+        # the official code ignores (LLaDA) or rejects (Dream) a theta factor: bake it into rope_theta
+        "rope_scaling": None,
         "rms_norm_eps": cfg.rms_eps, "layer_norm_type": "rms", "layer_norm_with_affine": True,
         "bias_for_layer_norm": False, "activation_type": "silu", "block_type": "llama",
         "include_bias": False, "include_qkv_bias": False, "weight_tying": False,

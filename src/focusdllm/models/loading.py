@@ -184,6 +184,10 @@ def save_model(model: DiffusionLM, path: str | Path, max_shard_bytes: int = 5 * 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(LAYOUTS[cfg.arch].config_to_hf(cfg), indent=2))
+    if cfg.arch == "dream":  # the official DreamModel.from_pretrained requires one
+        ids = {"mask_token_id": cfg.mask_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
+               "bos_token_id": cfg.bos_id}
+        (path / "generation_config.json").write_text(json.dumps(ids, indent=2))
     sd = model.state_dict()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

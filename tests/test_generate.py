@@ -1,0 +1,178 @@
+"""The one decode loop: equivalences between modes, batch invariance, planted bugs, bad configs."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import focusdllm
+from focusdllm import FocusConfig, generate
+from focusdllm.config import ConfigError
+
+BLOCK_WIDE = 63  # a window wider than any test block covers the whole block
+
+
+def _prompt(seed, n, vocab=120):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _gen(model, ids, **kw):
+    base = dict(gen_length=16, block_length=8, steps=8)
+    base.update(kw)
+    return generate(model, ids, **base)
+
+
+@given(
+    arch=st.sampled_from(["llada", "dream"]), seed=st.integers(0, 10**6), plen=st.integers(3, 90),
+    block=st.sampled_from([4, 8]), rule=st.sampled_from(["fixed", "threshold", "factor"]),
+    sinks=st.integers(0, 5), temperature=st.sampled_from([0.0, 0.7]),
+)
+def test_focus_full_budget_equals_dual_cache(llada64, dream64, arch, seed, plen, block, rule, sinks, temperature):
+    """keep_ratio=1 and a window covering the block: focus == fastdllm dual, whatever num_sinks."""
+    model = llada64 if arch == "llada" else dream64
+    ids = _prompt(seed, plen)
+    kw = dict(gen_length=16, block_length=block, steps=16 // block * 2, temperature=temperature, seed=seed)
+    kw.update({"fixed": {}, "threshold": {"threshold": 0.5}, "factor": {"factor": 1.0}}[rule])
+    dual = generate(model, ids, mode="fastdllm", cache="dual", **kw)
+    cfg = FocusConfig(window=BLOCK_WIDE, keep_ratio=1.0, num_sinks=sinks, block_size=16, backend="torch")
+    foc = generate(model, ids, mode="focus", focus=cfg, **kw)
+    assert torch.equal(dual.sequences, foc.sequences)
+    assert dual.nfe == foc.nfe
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_no_pruning_when_sink_layer_is_last(llada64, dream64, arch):
+    model = llada64 if arch == "llada" else dream64
+    ids = _prompt(3, 80)
+    dual = _gen(model, ids, mode="fastdllm")
+    cfg = FocusConfig(window=BLOCK_WIDE, keep_ratio=0.1, min_blocks=1, block_size=16, sink_layer=3, backend="torch")
+    assert torch.equal(dual.sequences, _gen(model, ids, mode="focus", focus=cfg).sequences)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("cache", ["dual", "prefix"])
+def test_one_layer_model_cache_is_exact(arch, cache):
+    """With one layer, cached K/V never go stale, so Fast-dLLM == vanilla for any schedule."""
+    model = focusdllm.load_model(f"{arch}-tiny", dtype=torch.float64, n_layers=1, seed=5)
+    for seed in range(3):
+        ids = _prompt(seed, 30)
+        van = _gen(model, ids, steps=16)
+        fast = _gen(model, ids, steps=16, mode="fastdllm", cache=cache)
+        assert torch.equal(van.sequences, fast.sequences)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_one_step_per_block_cache_equals_vanilla(llada64, dream64, arch):
+    """Each block's only step is the refresh, i.e. the vanilla full forward."""
+    model = llada64 if arch == "llada" else dream64
+    ids = _prompt(11, 40)
+    van = _gen(model, ids, steps=2)
+    for mode in ("fastdllm", "focus"):
+        assert torch.equal(van.sequences, _gen(model, ids, steps=2, mode=mode).sequences)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("mode", ["vanilla", "fastdllm", "focus"])
+def test_batch_invariance_left_padding(llada64, dream64, arch, mode):
+    model = llada64 if arch == "llada" else dream64
+    cfg = model.config
+    lens = [37, 20, 70]
+    prompts = [_prompt(100 + i, n)[0] for i, n in enumerate(lens)]
+    width = max(lens)
+    ids = torch.full((3, width), cfg.pad_id)
+    am = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        am[i, width - len(p):] = 1
+    kw = dict(mode=mode, temperature=0.5, seed=0)
+    if mode == "focus":
+        kw["focus"] = FocusConfig(block_size=16, keep_ratio=0.3, min_blocks=1, num_sinks=2, backend="torch")
+    batch = _gen(model, ids, attention_mask=am, **kw)
+    for i, p in enumerate(prompts):
+        alone = _gen(model, p[None], **{**kw, "seed": i})
+        assert torch.equal(batch.sequences[i, width:], alone.sequences[0, len(p):]), f"row {i}"
+        assert torch.equal(batch.sequences[i, :width], ids[i])
+
+
+def test_planted_bug_dropping_response_keys_is_caught(llada64, monkeypatch):
+    """The focus == dual equivalence must fail when the sparse layers lose the response keys."""
+    from focusdllm.decode import forward as F
+
+    ids = _prompt(1, 60)
+    cfg = FocusConfig(window=BLOCK_WIDE, keep_ratio=1.0, num_sinks=0, block_size=16, backend="torch")
+    dual = _gen(llada64, ids, mode="fastdllm")
+    assert torch.equal(dual.sequences, _gen(llada64, ids, mode="focus", focus=cfg).sequences)
+    real = F.select_keys
+
+    def broken(scores, n_keep, n_blocks_row, token_keep, valid, block_size):
+        return real(scores, n_keep, n_blocks_row, torch.zeros_like(token_keep), valid, block_size)
+
+    monkeypatch.setattr(F, "select_keys", broken)
+    diffs = sum(
+        not torch.equal(_gen(llada64, _prompt(s, 60), mode="fastdllm").sequences,
+                        _gen(llada64, _prompt(s, 60), mode="focus", focus=cfg).sequences)
+        for s in range(4)
+    )
+    assert diffs >= 1
+
+
+def test_sparse_focus_runs_and_reports_stats(llada64):
+    ids = _prompt(4, 200)
+    seen = []
+    cfg = FocusConfig(block_size=16, keep_ratio=0.1, min_blocks=2, num_sinks=3, backend="torch")
+    out = _gen(llada64, ids, mode="focus", focus=cfg, callback=lambda s, x, info: seen.append((s, info)))
+    st_ = out.stats
+    assert out.nfe == 8 and st_["refreshes"] == 2 and len(seen) == 8
+    assert st_["backend"] == "torch" and st_["mean_active_rows"] < 8
+    dens = [d for d in st_["density_per_layer"] if d is not None]
+    assert len(dens) == 4 - 1 - 1 and all(0 < d < 1 for d in dens)  # sink_layer = 4 // 4 = 1
+    focused = [info for s, info in seen if info["kind"] == "step"]
+    assert focused and focused[0]["sinks"].sum() == 3 and set(focused[0]["kept_blocks"]) == {2, 3}
+    mask_id = llada64.config.mask_id
+    assert (out.sequences[0, 200:] != mask_id).all()
+
+
+def test_bad_generate_arguments(llada64):
+    ids = _prompt(0, 10)
+    cases = [
+        (dict(gen_length=20, block_length=8), "not a multiple of block_length"),
+        (dict(gen_length=16, block_length=8, steps=3), "multiple of the number of blocks"),
+        (dict(mode="focus", cache="prefix"), "dual KV cache"),
+        (dict(mode="focus", cache=None), "dual KV cache"),
+        (dict(mode="fastdllm", cache="nope"), "cache='dual' or 'prefix'"),
+        (dict(mode="turbo"), "mode='turbo'"),
+        (dict(pad_id=llada64.config.mask_id), "mask_id and pad_id"),
+        (dict(mode="focus", focus=FocusConfig(sink_layer=4)), "sink_layer=4"),
+        (dict(capacity=20), "exceeds capacity"),
+        (dict(threshold=0.9, factor=1.0), "not both"),
+        (dict(focus=FocusConfig()), "only used with mode='focus'"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises((ValueError, ConfigError), match=msg):
+            _gen(llada64, ids, **kw)
+    with pytest.raises(ValueError, match="left padding"):
+        _gen(llada64, torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0, 0]]))
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(window=2), "positive odd"),
+        (dict(keep_ratio=0.0), r"keep_ratio=0.0 must be in \(0, 1\]"),
+        (dict(keep_ratio=1.5), "keep_ratio"),
+        (dict(block_size=48), "power of two"),
+        (dict(backend="cuda"), "backend"),
+        (dict(min_blocks=0), "min_blocks"),
+    ],
+)
+def test_bad_focus_configs(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        FocusConfig(**kw)
+
+
+def test_focus_presets():
+    assert FocusConfig.paper() == FocusConfig()
+    assert FocusConfig.lossless().keep_ratio == 1.0
+    assert FocusConfig().n_keep_blocks(512) == 52 and FocusConfig().n_keep_blocks(10) == 4
+    assert FocusConfig().n_keep_blocks(2) == 2
+    assert FocusConfig().resolve_sink_layer(32) == 8
