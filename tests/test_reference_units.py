@@ -32,6 +32,15 @@ from reference.tiny import tiny_checkpoint  # noqa: E402
 FAST = settings(deadline=None, max_examples=15, derandomize=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread is fastest and does not fight other test processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module", params=["llada", "dream"])
 def ckpt(request):
     return tiny_checkpoint(request.param, seed=3)
