@@ -176,3 +176,27 @@ def test_focus_presets():
     assert FocusConfig().n_keep_blocks(512) == 52 and FocusConfig().n_keep_blocks(10) == 4
     assert FocusConfig().n_keep_blocks(2) == 2
     assert FocusConfig().resolve_sink_layer(32) == 8
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_prompt_kv_reuse_exact_on_one_layer_model(arch):
+    """Prompt K/V of a one-layer model never depend on the response, so reuse must be exact there."""
+    model = focusdllm.load_model(f"{arch}-tiny", dtype=torch.float64, n_layers=1, seed=7)
+    cfg = FocusConfig.fast(window=BLOCK_WIDE, keep_ratio=1.0, block_size=16, sink_layer=0, backend="torch")
+    for seed in range(3):
+        ids = _prompt(seed, 33)
+        van = _gen(model, ids, gen_length=24, steps=12)
+        foc = _gen(model, ids, gen_length=24, steps=12, mode="focus", focus=cfg)
+        assert torch.equal(van.sequences, foc.sequences)
+        assert foc.stats["refreshes"] == 3
+
+
+def test_prompt_kv_reuse_changes_deep_models_and_refresh_every(llada64):
+    ids = _prompt(9, 64)
+    base = FocusConfig(block_size=16, backend="torch")
+    kw = dict(gen_length=32, block_length=8, steps=16, mode="focus")
+    plain = generate(llada64, ids, focus=base, **kw)
+    every1 = generate(llada64, ids, focus=base.with_(reuse_prompt_kv=True, prompt_refresh_every=1), **kw)
+    assert torch.equal(plain.sequences, every1.sequences)  # re-prefill at every block == no reuse
+    reuse = generate(llada64, ids, focus=base.with_(reuse_prompt_kv=True), **kw)
+    assert reuse.nfe == plain.nfe and (reuse.sequences[0, 64:] != llada64.config.mask_id).all()

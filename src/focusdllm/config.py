@@ -125,6 +125,9 @@ class FocusConfig:
         min_blocks: lower bound on kept prompt blocks.
         per_head: pick blocks per KV head (True) or one set shared by all heads (False).
         backend: sparse attention executor: "auto", "torch" (gather + SDPA) or "flex".
+        reuse_prompt_kv: beyond the paper: prefill the prompt once; later block starts refresh only
+            the response region against the cached prompt K/V (DESIGN.md: the refresh dominates).
+        prompt_refresh_every: with reuse, re-prefill the whole canvas every N blocks (0 = never).
     """
 
     window: int = 3
@@ -137,6 +140,8 @@ class FocusConfig:
     min_blocks: int = 4
     per_head: bool = True
     backend: str = "auto"
+    reuse_prompt_kv: bool = False
+    prompt_refresh_every: int = 0
 
     def __post_init__(self):
         if self.window < 1 or self.window % 2 == 0:
@@ -157,6 +162,8 @@ class FocusConfig:
             raise ConfigError(f"keep_ratio={self.keep_ratio} must be in (0, 1]")
         if self.min_blocks < 1:
             raise ConfigError(f"min_blocks={self.min_blocks} must be >= 1")
+        if self.prompt_refresh_every < 0:
+            raise ConfigError(f"prompt_refresh_every={self.prompt_refresh_every} must be >= 0 (0 = never)")
         if self.backend not in ("auto", "torch", "flex"):
             raise ConfigError(f"backend={self.backend!r}: use 'auto', 'torch' or 'flex'")
 
@@ -182,6 +189,11 @@ class FocusConfig:
     def lossless(cls, **kw) -> FocusConfig:
         """Focused steps but no pruning (keep_ratio=1): isolates the query-side saving."""
         return cls(**{"keep_ratio": 1.0, **kw})
+
+    @classmethod
+    def fast(cls, **kw) -> FocusConfig:
+        """Paper method + prompt KV reuse across blocks (prefill once)."""
+        return cls(**{"reuse_prompt_kv": True, **kw})
 
     @classmethod
     def aggressive(cls, **kw) -> FocusConfig:

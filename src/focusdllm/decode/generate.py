@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..cache import KVCache
 from ..config import FocusConfig
-from ..focus.indicator import StepRows, build_rows, dense_rows, focus_positions, grow_windows
+from ..focus.indicator import StepRows, build_rows, dense_rows, focus_positions, grow_windows, response_rows
 from ..models.transformer import DiffusionLM
 from . import schedule as S
 from .forward import Canvas, SparsePlan, StepStats, full_forward, row_forward
@@ -70,6 +70,9 @@ class FocusPolicy(CachePolicy):
 
     def rows(self, t, st):
         if t == 0:
+            every, blk = self.cfg.prompt_refresh_every, st["block"]
+            if self.cfg.reuse_prompt_kv and blk > 0 and (every == 0 or blk % every):
+                return response_rows(st["prompt_len"], st["row_len"], st["masked"], blk, self.shift, self.g)
             return None
         masked, conf, bl = st["masked"], st["conf_buf"], self.bl
         kind, arg = self.rule
@@ -199,6 +202,7 @@ def generate(
         masked = torch.gather(canvas.x, 1, slots) == mask_id
         st = {
             "block": blk, "block_start": block_start, "row_len": canvas.row_len, "masked": masked,
+            "prompt_len": canvas.prompt_len,
             "conf_buf": torch.zeros(bsz, block_length, dtype=torch.float64, device=dev),
             "sched": S.num_transfer_tokens(block_length, spb),
         }
@@ -220,12 +224,16 @@ def generate(
                 kind = "full" if not policy.cached else "refresh"
                 refreshes += policy.cached
             else:
-                h = row_forward(model, canvas, kv, rows, policy.sparse, stats)
+                h = row_forward(model, canvas, kv, rows, None if rows.dense else policy.sparse, stats)
                 hsrc = torch.gather(h, 1, rows.src[..., None].expand(-1, -1, h.shape[-1]))
                 cand = st["masked"] & rows.cand
-                stats.active_rows += int(rows.rows.shape[1])
-                stats.row_steps += 1
-                kind = "step"
+                if rows.dense:
+                    kind = "refresh"
+                    refreshes += 1
+                else:
+                    stats.active_rows += int(rows.rows.shape[1])
+                    stats.row_steps += 1
+                    kind = "step"
             logits = model.logits(hsrc).float()  # (B, bl, V): only the current block's rows
             x0, conf = S.sample_tokens(logits, mask_id, temperature, remasking, gens if needs_gen else None)
             if rule[0] == "fixed":

@@ -26,6 +26,7 @@ class StepRows:
         focus: (B, T) bool: the row is a focus position (its query scores prompt blocks).
         cand: (B, bl) bool: block positions that may be decoded this step.
         src: (B, bl) index into T of the row whose output gives a block position's logits.
+        dense: every layer attends densely (a refresh-type step), whatever the policy.
     """
 
     rows: torch.Tensor
@@ -34,6 +35,7 @@ class StepRows:
     focus: torch.Tensor
     cand: torch.Tensor
     src: torch.Tensor
+    dense: bool = False
 
 
 def focus_positions(conf_buf: torch.Tensor, masked: torch.Tensor, n_focus: torch.Tensor) -> torch.Tensor:
@@ -116,3 +118,21 @@ def dense_rows(
         block_start, row_len, active_w, masked, torch.zeros_like(masked), radius=0, shift=shift,
         n_rows=shift + bl + suffix,
     )
+
+
+def response_rows(
+    prompt_len: torch.Tensor, row_len: torch.Tensor, masked: torch.Tensor, block: int, shift: int, gen_length: int
+) -> StepRows:
+    """Rows of a response-only refresh (prompt KV reuse): every generation slot is recomputed
+    against the cached prompt K/V; the current block's masked positions are candidates."""
+    b, bl = masked.shape
+    before, after = block * bl, gen_length - (block + 1) * bl
+    active_w = torch.ones(b, shift + gen_length, dtype=torch.bool, device=masked.device)
+    active_w[:, :shift] = False
+    rows = build_rows(
+        prompt_len + before, row_len, active_w, masked, torch.zeros_like(masked), radius=before, shift=shift,
+        n_rows=shift + gen_length,
+    )
+    del after
+    rows.dense = True
+    return rows
