@@ -42,8 +42,8 @@ PRESETS = {
                 eval_lengths=[384, 640, 1024], eval_n=16, device="cpu", log_every=20),
     # the shipped model: one H100
     "h100": dict(d_model=256, n_layers=6, n_heads=4, mlp_hidden=768, min_len=384, max_len=8192,
-                 batch_tokens=65536, steps=0, minutes=8.0, lr=1.5e-3, warmup=100, eval_every=400,
-                 eval_lengths=[1024, 2048, 4096, 8192, 16384], eval_n=32, device="cuda", log_every=25),
+                 batch_tokens=65536, steps=0, minutes=6.5, lr=1.5e-3, warmup=100, eval_every=400,
+                 eval_lengths=[2048, 4096, 8192, 16384], eval_n=32, device="cuda", log_every=25),
 }
 
 
@@ -124,8 +124,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", type=int, default=1000)
     ap.add_argument("--eval-tokens-per-step", type=int, default=1)
-    ap.add_argument("--eval-batch-tokens", type=int, default=131072)
+    ap.add_argument("--eval-batch-tokens", type=int, default=262144)
     ap.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--ckpt", help="where to write the training checkpoint (default: OUT/ckpt.pt)")
     ap.add_argument("--resume", help="a ckpt.pt written by an earlier run (continues its schedule)")
     a = ap.parse_args(argv)
     for k, v in PRESETS[a.preset].items():
@@ -210,7 +211,7 @@ def main(argv=None):
     trained_s = time.time() - t_start
     emit({"event": "trained", "steps": step, "train_secs": trained_s})
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "trained_s": trained_s,
-                "gen": gen.get_state()}, out / "ckpt.pt")
+                "gen": gen.get_state()}, a.ckpt or out / "ckpt.pt")
     dtype = getattr(torch, a.save_dtype)
     ship = DiffusionLM(cfg)
     ship.load_state_dict(model.state_dict())

@@ -1,0 +1,116 @@
+"""Synthetic task generators, the training recipe's CPU smoke, and the shipped focus-tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from focusdllm.tasks import GEN_LENGTH, TASKS, VOCAB, dense_decode, make_cases, render, target_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "src" / "focusdllm" / "weights" / "focus-tiny"
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_deterministic_by_seed(task):
+    a = make_cases(task, 3, 700, seed=5)
+    assert a == make_cases(task, 3, 700, seed=5)
+    assert a[0]["input"] != make_cases(task, 3, 700, seed=6)[0]["input"]
+    assert make_cases(task, 2, 700, seed=5) == a[:2]  # case i does not depend on n
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length", [400, 1000, 4096])
+def test_length_exact_and_fields(task, length):
+    for c in make_cases(task, 4, length, seed=1):
+        assert len(c["input"]) == c["length"] == length
+        assert set(c) >= {"index", "input", "outputs", "length", "gen_length", "depth", "needle_pos"}
+        assert c["gen_length"] == GEN_LENGTH[task] and c["gen_length"] % 32 == 0
+        tgt = target_ids(c)
+        assert len(tgt) == c["gen_length"] and tgt[len(c["outputs"]):] == [VOCAB.eos_id] * (
+            c["gen_length"] - len(c["outputs"]))
+        assert c["input"][0] == VOCAB.bos_id and all(0 <= t < VOCAB.size for t in c["input"])
+        assert VOCAB.mask_id not in c["input"] and VOCAB.eos_id not in c["input"]
+        json.dumps(c)
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
+def test_needle_at_depth_and_answer_consistent(task, depth):
+    length = 2000
+    for c in make_cases(task, 3, length, seed=2, depth=depth):
+        ids, ans, p, a = c["input"], c["outputs"], c["needle_pos"], c["answer_pos"]
+        assert ids[a:a + len(ans)] == ans
+        marker = {"passkey": VOCAB.PASS, "multikey": VOCAB.KEY, "spancopy": VOCAB.COPY}[task]
+        assert ids[p] == marker
+        # the query at the end repeats the needle's prefix: marker (+ key)
+        prefix = ids[p:a]
+        assert ids[-len(prefix):] == prefix and ids[-len(prefix) - 1] == VOCAB.QUERY
+        assert ids.count(marker) == {"passkey": 2, "multikey": 5, "spancopy": 4}[task]
+        # the target needle has round(depth * filler) filler words before it
+        n_fill = sum(VOCAB.filler0 <= t < VOCAB.marker0 for t in ids)
+        before = sum(VOCAB.filler0 <= t < VOCAB.marker0 for t in ids[:p])
+        assert before == round(depth * n_fill)
+
+
+def test_needles_are_unambiguous():
+    for task in ("multikey", "spancopy"):
+        for c in make_cases(task, 5, 3000, seed=3):
+            ids = c["input"]
+            keys = [ids[i + 1] for i in range(len(ids) - 1) if ids[i] in (VOCAB.KEY, VOCAB.COPY)]
+            assert len(keys) == len(set(keys)) + 1  # every key once, plus the query's repeat
+            if task == "spancopy":
+                syms = [t for t in ids if VOCAB.span0 <= t < VOCAB.filler0]
+                assert len(syms) == len(set(syms))
+            else:
+                digits = [(ids[i], ids[i + 1]) for i in range(len(ids) - 1) if ids[i + 1] < 10]
+                assert len(digits) == len(set(digits))  # 2-token contexts are unique
+    c = make_cases("spancopy", 20, 1000, seed=0)
+    assert all(32 <= len(x["outputs"]) <= 96 for x in c)
+
+
+def test_vocab_roundtrip_and_render():
+    c = make_cases("passkey", 1, 500, seed=0)[0]
+    assert VOCAB.encode(VOCAB.decode(c["input"])) == c["input"]
+    assert "<pass>" in render(c) and VOCAB.decode(c["outputs"]) in render(c)
+    with pytest.raises(ValueError, match="too short"):
+        make_cases("spancopy", 1, 50, seed=0)
+
+
+def _load_train():
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "bench" / "train_tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_smoke(tmp_path):
+    train = _load_train()
+    train.main(["--preset", "smoke", "--out", str(tmp_path), "--steps", "24", "--log-every", "4"])
+    recs = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) < sum(losses[:2])
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
+    from focusdllm import load_model
+
+    m = load_model(tmp_path)
+    assert m.config.mask_id == VOCAB.mask_id and m.config.vocab_size == VOCAB.size
+
+
+@pytest.mark.skipif(not (WEIGHTS / "model.safetensors").is_file(), reason="focus-tiny weights not shipped yet")
+def test_focus_tiny_solves_short_passkey():
+    from focusdllm import load_model
+
+    torch.manual_seed(0)
+    model = load_model("focus-tiny")
+    assert model.config.vocab_size == VOCAB.size and model.config.mask_id == VOCAB.mask_id
+    cases = make_cases("passkey", 4, 768, seed=7)
+    prompts = torch.tensor([c["input"] for c in cases])
+    out = dense_decode(model, prompts, cases[0]["gen_length"], tokens_per_step=2).tolist()
+    for c, o in zip(cases, out):
+        assert o[: len(c["outputs"])] == c["outputs"], render(c)
