@@ -227,7 +227,8 @@ def flex_sparse_attention(
     Args:
         q: (B, Hq, T, D); k, v: (B, Hkv, Cap, D) with Cap = sel.valid.shape[-1] a multiple of block_size.
         sel: selection with Hs in {1, Hkv}.
-        pack_gqa: view q as (B, Hkv, G*T, D) so K/V are read once per KV head; default when G*T <= 128.
+        pack_gqa: view q as (B, Hkv, G*T, D) so K/V are read once per KV head; default on CPU when
+            G*T <= 128, off on CUDA (measured slower on H100).
         compiled: False runs eager flex (tests; correct because mask_mod carries the full semantics).
     Returns:
         (B, Hq, T, D), equal to `masked_attention(q, k, v, sel.dense_mask())`.
@@ -242,8 +243,8 @@ def flex_sparse_attention(
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         raise NotImplementedError("flex attention on CPU is inference only: run under torch.no_grad()")
     g = hq // hkv
-    if pack_gqa is None:
-        pack_gqa = g > 1 and g * t <= Q_BLOCK
+    if pack_gqa is None:  # H100 (torch 2.11): packed Dream q16 (112 rows, decode kernel) ran 2-5x slower
+        pack_gqa = q.device.type == "cpu" and g > 1 and g * t <= Q_BLOCK
     if g > 1 and pack_gqa:
         qp = rearrange(q, "b (h g) t d -> b h (g t) d", h=hkv)  # (B, Hkv, G*T, D)
         mask = build_block_mask(sel, g * t, hkv)
