@@ -60,6 +60,7 @@ class SparsePlan:
     n_keep: torch.Tensor  # (B,) K per row
     response: torch.Tensor  # (B, Cap) bool: slots [P_b, P_b + G)
     backend: str
+    max_keys: int  # static bound on kept keys per row (keeps the gather backend sync-free)
     record: bool = False  # keep the step's sinks / kept blocks for callbacks
     last: dict = field(default_factory=dict)
 
@@ -99,11 +100,12 @@ def row_forward(
     cache: KVCache,
     rows: StepRows,
     plan: SparsePlan | None,
-    stats: StepStats,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `rows` through the network against the cache; their K/V are written first (in place).
 
-    Returns the last layer's output for the rows, (B, T, C).
+    No host syncs, static shapes for a given row count: CUDA-graph capturable (decode/graphs.py).
+    Returns the last layer's output for the rows (B, T, C) and the mean attended-key density per
+    layer (n_layers,) (0 for dense layers).
     """
     n = canvas.length
     cos, sin = model.rope.cos_sin(rows.rows, model.dtype)
@@ -111,6 +113,7 @@ def row_forward(
     valid = canvas.kv_valid(n)
     token_keep = None
     n_layers = len(model.blocks)
+    density = torch.zeros(n_layers, device=h.device)
     for i, blk in enumerate(model.blocks):
         q, k, v = blk.qkv(h, model.rope, cos, sin)
         cache.write(i, rows.rows, rows.write, k, v)
@@ -130,11 +133,9 @@ def row_forward(
         else:
             scores = block_scores(q, rows.focus, cache.block_rep[i], plan.per_head)
             sel = select_keys(scores, plan.n_keep, plan.n_blocks_row, token_keep, canvas.valid, plan.block_size)
-            o = sparse_attention(q, cache.k[i], cache.v[i], sel, plan.backend)
-            stats.density_sum[i] += sel.density().mean()
+            o = sparse_attention(q, cache.k[i], cache.v[i], sel, plan.backend, max_keys=plan.max_keys)
+            density[i] = sel.density().mean()
             if plan.record:
                 plan.last.setdefault("kept_blocks", {})[i] = sel.block_keep
         h = blk.finish(h, o)
-    if plan is not None:
-        stats.sparse_steps += 1
-    return h
+    return h, density

@@ -134,6 +134,7 @@ def generate(
     callback=None,
     progress: bool = False,
     timing: bool = False,
+    cuda_graphs: bool = False,
 ) -> GenerateOutput:
     """Block-wise masked-diffusion decoding (LLaDA reference semantics, reference/SPEC.md).
 
@@ -153,6 +154,8 @@ def generate(
         callback: called as callback(step, x, info) after every step; x is (B, L + G).
         progress: show a tqdm bar over steps.
         timing: synchronize around every forward to report ms per refresh / step.
+        cuda_graphs: replay in-block steps as CUDA graphs (one per row count; CUDA only, no callback
+            selection recording). Tokens are identical; launch overhead goes away.
     Returns:
         GenerateOutput with sequences, nfe and stats.
     """
@@ -186,10 +189,21 @@ def generate(
         if mode == "fastdllm":
             policy = CachePolicy(cache, shift, gen_length, block_length)
         else:
-            plan = _sparse_plan(focus, cfg.n_layers, canvas, model.dtype, record=callback is not None)
+            plan = _sparse_plan(
+                focus, cfg.n_layers, canvas, model.dtype, record=callback is not None and not cuda_graphs
+            )
             policy = FocusPolicy(focus, shift, gen_length, block_length, plan, rule)
 
     stats = StepStats(density_sum=torch.zeros(cfg.n_layers, device=dev))
+    graphs = None
+    if cuda_graphs:
+        from .graphs import GraphedRowForward
+
+        if dev.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device; pass cuda_graphs=False")
+        if mode == "vanilla":
+            raise ValueError("cuda_graphs applies to cached modes (fastdllm, focus), not mode='vanilla'")
+        graphs = GraphedRowForward()
     times = {"refresh": [], "step": [], "full": []}
     nfe = refreshes = 0
     bar = tqdm(total=n_blocks * spb, disable=not progress, desc=f"{mode} decode", unit="step")
@@ -224,7 +238,11 @@ def generate(
                 kind = "full" if not policy.cached else "refresh"
                 refreshes += policy.cached
             else:
-                h = row_forward(model, canvas, kv, rows, None if rows.dense else policy.sparse, stats)
+                plan = None if rows.dense else policy.sparse
+                h, dens = (graphs or row_forward)(model, canvas, kv, rows, plan)
+                if plan is not None:
+                    stats.density_sum += dens
+                    stats.sparse_steps += 1
                 hsrc = torch.gather(h, 1, rows.src[..., None].expand(-1, -1, h.shape[-1]))
                 cand = st["masked"] & rows.cand
                 if rows.dense:
@@ -276,9 +294,8 @@ def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dtype, recor
     bs = focus.block_size
     dev = canvas.x.device
     nb_row = (canvas.prompt_len + bs - 1) // bs
-    n_keep = torch.tensor(
-        [focus.n_keep_blocks(int(n)) for n in nb_row.tolist()], device=dev, dtype=torch.long
-    )
+    keep_host = [focus.n_keep_blocks(int(n)) for n in nb_row.tolist()]
+    n_keep = torch.tensor(keep_host, device=dev, dtype=torch.long)
     cap = canvas.valid.shape[1]
     slot = torch.arange(cap, device=dev)[None, :]
     response = (slot >= canvas.prompt_len[:, None]) & (slot < canvas.row_len[:, None])
@@ -287,6 +304,7 @@ def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dtype, recor
         per_head=focus.per_head, block_size=bs, n_blocks_host=-(-canvas.max_prompt // bs),
         n_blocks_row=nb_row, n_keep=n_keep, response=response,
         backend=resolve_backend(focus.backend, dev, dtype), record=record,
+        max_keys=max(keep_host) * bs + focus.num_sinks + canvas.gen_length,
     )
 
 

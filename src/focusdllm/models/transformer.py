@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x if x.dtype == torch.float64 else x.float()  # fp32 or better statistics
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -34,19 +34,22 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, fp32: bool):
         super().__init__()
-        self.fp32 = fp32
+        self.fp32, self.theta, self.dim = fp32, theta, head_dim
         inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) int -> cos, sin (B, 1, T, D), fp32 (LLaDA) or model dtype (Dream)."""
+        """positions (B, T) int -> cos, sin (B, 1, T, D): fp32 (LLaDA) or model dtype (Dream); fp64
+        models get fp64 tables (the official code stays in fp32 there)."""
         with torch.autocast(positions.device.type, enabled=False):
-            freqs = positions.float()[..., None] * self.inv_freq.float().to(positions.device)
+            if dtype == torch.float64:
+                inv = torch.arange(0, self.dim, 2, dtype=torch.float64, device=positions.device) / self.dim
+                freqs = positions.double()[..., None] / self.theta**inv
+            else:
+                freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)
             emb = torch.cat([freqs, freqs], -1)[:, None]  # (B, 1, T, D)
             cos, sin = emb.cos(), emb.sin()
-        if dtype == torch.float64:
-            cos, sin = cos.double(), sin.double()
-        elif not self.fp32:
+        if dtype != torch.float64 and not self.fp32:
             cos, sin = cos.to(dtype), sin.to(dtype)
         return cos, sin
 

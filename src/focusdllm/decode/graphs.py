@@ -1,0 +1,55 @@
+"""CUDA-graph replay of the in-block row step (one graph per row count and plan).
+
+An in-block step of an 8B model is a few milliseconds of GPU work spread over ~1500 small kernels;
+launching them from Python costs as much again. `row_forward` has static shapes for a given row count
+and no host syncs, and everything it reads or writes persistently (canvas tokens, KV cache, plan
+tensors) lives at fixed addresses, so the whole step is captured once and replayed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..focus.indicator import StepRows
+from .forward import row_forward
+
+
+class GraphedRowForward:
+    """Drop-in for `row_forward(model, canvas, cache, rows, plan)` that captures and replays.
+
+    Warm-up runs before capture write the same K/V the replay writes (a row step is idempotent:
+    every layer writes its rows before attending), so warming up on live state is safe.
+    """
+
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+        self.graphs: dict = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, model, canvas, cache, rows: StepRows, plan):
+        key = (rows.rows.shape[1], id(plan), id(cache), id(canvas))
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(model, canvas, cache, rows, plan)
+            self.graphs[key] = entry
+        graph, static_rows, out = entry
+        for name in ("rows", "write", "active", "focus"):
+            getattr(static_rows, name).copy_(getattr(rows, name))
+        graph.replay()
+        return out[0].clone(), out[1].clone()
+
+    def _capture(self, model, canvas, cache, rows, plan):
+        static = StepRows(
+            rows.rows.clone(), rows.write.clone(), rows.active.clone(), rows.focus.clone(),
+            rows.cand, rows.src, rows.dense,
+        )
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                row_forward(model, canvas, cache, static, plan)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = row_forward(model, canvas, cache, static, plan)
+        return graph, static, out
