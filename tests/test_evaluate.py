@@ -1,0 +1,48 @@
+"""The fidelity suite: bootstrap CI, the eval command end to end, and a smoke eval of the shipped model."""
+
+import json
+
+import pytest
+import torch
+
+import focusdllm
+from focusdllm.evaluate import bootstrap_ci, main
+from focusdllm.models.loading import WEIGHTS_DIR
+from focusdllm.tasks import VOCAB
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    lo, hi = bootstrap_ci([True] * 30 + [False] * 10)
+    assert lo < 0.75 < hi and 0.5 < lo and hi < 0.95
+    assert bootstrap_ci([True] * 5) == (1.0, 1.0)
+
+
+def test_eval_command_writes_table_and_heatmap(tmp_path):
+    pytest.importorskip("matplotlib")
+    cfg = focusdllm.ModelConfig.from_name("llada-tiny").with_(
+        vocab_size=VOCAB.size, mask_id=VOCAB.mask_id, eos_id=VOCAB.eos_id, pad_id=VOCAB.pad_id, bos_id=VOCAB.bos_id
+    )
+    model = focusdllm.models.init_random(focusdllm.DiffusionLM(cfg), seed=0).eval()
+    focusdllm.save_model(model, tmp_path / "m")
+    out = tmp_path / "r.json"
+    main(["--model", str(tmp_path / "m"), "--tasks", "passkey", "--lengths", "200", "--depths", "2",
+          "--per-depth", "1", "--device", "cpu", "--modes", "dense", "focus", "--out", str(out),
+          "--heatmap", str(tmp_path / "h.png")])
+    res = json.loads(out.read_text())
+    s = res["summary"]["200"]
+    assert s["dense"]["agreement"] == 1.0 and s["dense"]["n"] == 2 and 0 <= s["focus"]["acc"] <= 1
+    assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "focus-tiny").is_dir(), reason="focus-tiny weights not shipped")
+def test_shipped_model_smoke_eval():
+    """CPU smoke: the shipped model solves short passkey cases densely and Focus agrees."""
+    from focusdllm.evaluate import run_cases, summarize
+    from focusdllm.tasks import make_cases
+
+    model = focusdllm.load_model("focus-tiny", dtype=torch.float32)
+    cases = make_cases("passkey", 4, 1024, seed=7)
+    preds, _ = run_cases(model, cases, ["dense", "focus", "bad"], log=lambda s: None)
+    rows = summarize(cases, preds)
+    assert rows["dense"]["acc"] >= 0.75
+    assert rows["focus"]["acc"] >= rows["dense"]["acc"] - 0.25 and rows["focus"]["agreement"] >= 0.9
