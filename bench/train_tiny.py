@@ -43,7 +43,7 @@ PRESETS = {
     # the shipped model: one H100
     "h100": dict(d_model=256, n_layers=6, n_heads=4, mlp_hidden=768, min_len=384, max_len=8192,
                  batch_tokens=65536, steps=0, minutes=6.5, lr=1.5e-3, warmup=100, eval_every=400,
-                 eval_lengths=[2048, 4096, 8192, 16384], eval_n=32, device="cuda", log_every=25),
+                 eval_lengths=[2048, 4096, 8192, 16384], eval_n=24, device="cuda", log_every=25),
 }
 
 
@@ -55,14 +55,18 @@ def build_config(a) -> ModelConfig:
 
 
 def sample_length(rng: random.Random, p: float, a) -> int:
-    """Curriculum: the longest length grows log-linearly to --max-len by --ramp of the run."""
+    """Curriculum: --min-len until --hold of the run, then the top grows log-linearly to --max-len at --ramp."""
     lo, hi = math.log(a.min_len), math.log(a.max_len)
-    cur = lo + (hi - lo) * min(1.0, p / a.ramp)
+    cur = lo + (hi - lo) * _ramp(p, a)
     if rng.random() < 0.5:  # half the batches from the top octave reached so far
         x = rng.uniform(max(lo, cur - math.log(2)), cur)
     else:
         x = rng.uniform(lo, cur)
     return max(a.min_len, int(math.exp(x)) // 64 * 64)
+
+
+def _ramp(p: float, a) -> float:
+    return min(1.0, max(0.0, (p - a.hold) / max(1e-9, a.ramp - a.hold)))
 
 
 def make_batch(rng: random.Random, length: int, rows: int):
@@ -119,7 +123,8 @@ def main(argv=None):
     ap.add_argument("--eval-lengths", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--device")
     ap.add_argument("--rope-theta", type=float, default=500000.0)
-    ap.add_argument("--ramp", type=float, default=0.5, help="fraction of the run to reach --max-len")
+    ap.add_argument("--hold", type=float, default=0.2, help="fraction of the run spent at --min-len")
+    ap.add_argument("--ramp", type=float, default=0.6, help="fraction of the run to reach --max-len")
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", type=int, default=1000)
@@ -201,8 +206,8 @@ def main(argv=None):
                   "elapsed": now - t_start})
             losses, tok_since, t_log = [], 0, time.time()
         if a.eval_every and step % a.eval_every == 0:
-            cur = min(a.max_len, max(a.min_len, int(math.exp(math.log(a.min_len) + (math.log(a.max_len)
-                      - math.log(a.min_len)) * min(1.0, p / a.ramp))) // 64 * 64))
+            lo, hi = math.log(a.min_len), math.log(a.max_len)
+            cur = max(a.min_len, int(math.exp(lo + (hi - lo) * _ramp(p, a))) // 64 * 64)
             te = time.time()
             for r in run_eval(model, [cur], 8, 2, a.eval_seed + step, a.eval_batch_tokens):
                 emit({"event": "eval", "step": step, **r})
