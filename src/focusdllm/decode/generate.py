@@ -155,7 +155,8 @@ def generate(
         progress: show a tqdm bar over steps.
         timing: synchronize around every forward to report ms per refresh / step.
         cuda_graphs: replay in-block steps as CUDA graphs (one per row count; CUDA only, no callback
-            selection recording). Tokens are identical; launch overhead goes away.
+            selection recording). Same kernels, so tokens match up to cuBLAS algorithm choice under
+            capture (bf16 near-ties); launch overhead goes away.
     Returns:
         GenerateOutput with sequences, nfe and stats.
     """
