@@ -549,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    if argv and argv[0] == "--":  # `focusdllm bench -- --model ...` (the CLI passes its remainder through)
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     from .models.loading import load_model
 
