@@ -61,20 +61,20 @@ def main(argv=None) -> int:
     d.add_argument("--focus-block", type=int, default=64)
     d.add_argument("--device", default="cpu")
     d.add_argument("--strict", action="store_true", help="exit 1 if dense decoding misses the answer")
-    e = sub.add_parser("eval", help="accuracy of every mode on generated long-context cases")
-    e.add_argument("rest", nargs=argparse.REMAINDER)
-    b = sub.add_parser("bench", help="end-to-end speed report (see bench/README.md)")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    args = p.parse_args(argv)
+    sub.add_parser("eval", help="accuracy of every mode on generated long-context cases", add_help=False)
+    sub.add_parser("bench", help="end-to-end speed report (see bench/README.md)", add_help=False)
+    args, rest = p.parse_known_args(argv)
     if args.cmd == "demo":
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
         return _demo(args)
     if args.cmd == "eval":
         from .evaluate import main as eval_main
 
-        return eval_main(args.rest)
+        return eval_main(rest)
     from .bench import main as bench_main
 
-    return bench_main(args.rest)
+    return bench_main(rest)
 
 
 if __name__ == "__main__":
