@@ -104,7 +104,7 @@ def test_planted_bug_dropping_response_keys_is_caught(llada64, monkeypatch):
     assert torch.equal(dual.sequences, _gen(llada64, ids, mode="focus", focus=cfg).sequences)
     real = F.select_keys
 
-    def broken(scores, n_keep, n_blocks_row, token_keep, valid, block_size):
+    def broken(scores, n_keep, n_blocks_row, token_keep, valid, block_size, counts=None):
         return real(scores, n_keep, n_blocks_row, torch.zeros_like(token_keep), valid, block_size)
 
     monkeypatch.setattr(F, "select_keys", broken)

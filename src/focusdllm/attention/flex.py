@@ -99,12 +99,13 @@ def build_block_mask(
         q_block: Q tile of the mask.
         mask_mod: override of the token-level mask (tests only); default `selection_mask_mod`.
     """
-    keep = sel.dense_mask()  # (B, Hs, Cap)
-    b, hs, cap = keep.shape
+    b, hs, nb = sel.block_keep.shape
     bs = sel.block_size
-    keep = keep.view(b, hs, cap // bs, bs)  # (B, Hs, NB, bs)
-    full = keep.all(-1)  # (B, Hs, NB): every key of the block attended -> no mask_mod
-    partial = keep.any(-1) & ~full  # some keys: mask_mod decides per token
+    cap = nb * bs
+    vc, tc = sel.block_counts()  # (B, 1, NB), (B, 1|Hs, NB): block-level, no (B, Hs, Cap) pass
+    full = (sel.block_keep & (vc == bs)) | (tc == bs)  # every key of the block attended -> no mask_mod
+    partial = ((sel.block_keep & (vc > 0)) | (tc > 0)) & ~full  # some keys: mask_mod decides per token
+    full, partial = full.expand(b, hs, nb), partial.expand(b, hs, nb)
     rows = -(-q_len // q_block)
     repeat = heads // hs if hs > 1 else 1
     part_num, part_idx = _packed_indices(partial, rows, repeat)

@@ -16,6 +16,8 @@ class KeySelection:
         token_keep: (B, Hs, Cap) bool: single kept keys (sinks, response positions).
         valid: (B, Cap) bool: slots that hold a real key (not padding or unused capacity).
         block_size: keys per block; Cap is a multiple of it.
+        counts: optional per-block summaries (valid keys (B, 1, NB), token-kept valid keys (B, 1|Hs, NB))
+            that the caller can compute once per step instead of per layer; derived when absent.
     Hs is 1 (one set shared by all heads) or the number of KV heads (per-KV-head selection; the
     query heads of a GQA group share their KV head's set).
     """
@@ -24,6 +26,13 @@ class KeySelection:
     token_keep: torch.Tensor
     valid: torch.Tensor
     block_size: int
+    counts: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def block_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(valid keys per block (B, 1, NB), token-kept valid keys per block (B, 1|Hs, NB))."""
+        if self.counts is not None:
+            return self.counts
+        return block_counts(self.token_keep, self.valid, self.block_size)
 
     def dense_mask(self) -> torch.Tensor:
         """The full semantics as a (B, Hs, Cap) bool mask."""
@@ -31,6 +40,18 @@ class KeySelection:
         return (blk | self.token_keep) & self.valid[:, None, :]
 
     def density(self) -> torch.Tensor:
-        """Fraction of valid keys attended, per row: (B,)."""
-        kept = self.dense_mask().float().mean(1).sum(-1)
-        return kept / self.valid.float().sum(-1).clamp(min=1)
+        """Fraction of valid keys attended, per row, averaged over selection heads: (B,).
+
+        A kept block contributes its valid keys, any other block its token-kept keys (exact)."""
+        vc, tc = self.block_counts()
+        kept = torch.where(self.block_keep, vc, tc).float().sum(-1).mean(1)  # (B,)
+        return kept / vc.float().sum((1, 2)).clamp(min=1)
+
+
+def block_counts(token_keep: torch.Tensor, valid: torch.Tensor, block_size: int):
+    """Per-block counts of valid slots (B, 1, NB) and of token-kept valid slots (B, Ht, NB)."""
+    b, ht, cap = token_keep.shape
+    nb = cap // block_size
+    vc = valid.reshape(b, 1, nb, block_size).sum(-1)
+    tc = (token_keep & valid[:, None, :]).reshape(b, ht, nb, block_size).sum(-1)
+    return vc, tc

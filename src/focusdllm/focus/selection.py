@@ -56,12 +56,14 @@ def select_keys(
     token_keep: torch.Tensor,
     valid: torch.Tensor,
     block_size: int,
+    counts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> KeySelection:
     """Top-K prompt blocks ∪ token-level keeps (sinks, response) as a `KeySelection`.
 
     Args:
         scores: (B, Hs, NBp) block scores; n_keep: (B,) K per row; n_blocks_row: (B,) prompt
-            blocks per row; token_keep: (B, 1, Cap) bool; valid: (B, Cap) bool.
+            blocks per row; token_keep: (B, 1, Cap) bool; valid: (B, Cap) bool; counts: the step's
+            per-block (valid, token-kept) counts, see `KeySelection.block_counts`.
     """
     b, hs, nbp = scores.shape
     nb = valid.shape[1] // block_size
@@ -70,4 +72,4 @@ def select_keys(
     keep = (stable_rank(scores) < n_keep[:, None, None]) & real  # (B, Hs, NBp)
     block_keep = torch.zeros(b, hs, nb, dtype=torch.bool, device=scores.device)
     block_keep[:, :, :nbp] = keep
-    return KeySelection(block_keep, token_keep.expand(b, hs, -1), valid, block_size)
+    return KeySelection(block_keep, token_keep.expand(b, hs, -1), valid, block_size, counts)

@@ -1,0 +1,37 @@
+"""Focus selection pieces in the library: block summaries, density, sinks and block scores."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from focusdllm.attention.selection import KeySelection, block_counts
+from focusdllm.focus.selection import block_representatives, block_scores
+from focusdllm.focus.sinks import sink_scores, top_sinks
+
+
+@given(st.integers(0, 10**6), st.sampled_from([16, 32]), st.integers(1, 3), st.sampled_from([1, 4]))
+def test_density_from_block_counts_is_exact(seed, bs, b, hs):
+    g = torch.Generator().manual_seed(seed)
+    nb = 6
+    cap = nb * bs
+    valid = torch.arange(cap)[None] < torch.randint(1, cap, (b, 1), generator=g)
+    blk = torch.rand(b, hs, nb, generator=g) < 0.4
+    tok = torch.rand(b, 1, cap, generator=g) < 0.2
+    sel = KeySelection(blk, tok.expand(b, hs, -1), valid, bs)
+    expect = sel.dense_mask().float().sum(-1).mean(1) / valid.float().sum(-1)
+    assert torch.allclose(sel.density(), expect)
+    pre = KeySelection(blk, tok.expand(b, hs, -1), valid, bs, block_counts(tok, valid, bs))
+    assert torch.allclose(pre.density(), expect)
+
+
+def test_planted_sink_and_relevant_block_are_found():
+    torch.manual_seed(0)
+    b, h, t, d, p = 1, 2, 3, 8, 64
+    q = torch.randn(b, h, t, d)
+    k = torch.randn(b, h, p, d) * 0.1
+    k[:, :, 37] = q.mean(2) * 10  # every query loves key 37
+    s = sink_scores(q, k, torch.ones(b, t, dtype=torch.bool), torch.tensor([p]))
+    assert top_sinks(s, 1, torch.tensor([p]))[0].nonzero().item() == 37
+    rep = block_representatives(k, torch.tensor([p]), 16, 4)  # (B, H, 4, D)
+    sc = block_scores(q, torch.ones(b, t, dtype=torch.bool), rep, per_head=True)
+    assert (sc.argmax(-1) == 37 // 16).all()
