@@ -543,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over 3 in-block steps at the largest context (see --profile-modes)")
     p.add_argument("--profile-modes", nargs="+", default=["fastdllm-dual", "focus"])
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run in-block steps eagerly (default on CUDA: CUDA-graph replay of cached-mode steps)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="skip (context, mode) pairs that would start after this many seconds")
     return p
@@ -610,6 +612,8 @@ def main(argv=None) -> int:
             if kw is None:
                 log(f"ctx={ctx} {name}: skipped (this FocusConfig has no reuse_prompt_kv)")
                 continue
+            if args.cuda_graphs and dev.type == "cuda" and kw["mode"] != "vanilla":
+                kw = {**kw, "cuda_graphs": True}
             if args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds:
                 log(f"ctx={ctx} {name}: skipped (--max-seconds {args.max_seconds} reached)")
                 entries.append(_entry(name, ctx, args, kw, {"skipped": "max-seconds"}))
@@ -655,10 +659,15 @@ def main(argv=None) -> int:
         ctx = max(args.contexts)
         ids = random_prompt(cfg, ctx, args.seed, dev)
         report["profile"] = {"context": ctx, "modes": {}}
-        for name in args.profile_modes:
+        variants = [(n, False) for n in args.profile_modes]
+        if args.cuda_graphs and dev.type == "cuda":  # before (eager launches) and after (graph replay)
+            variants += [(n, True) for n in args.profile_modes]
+        for name, graphed in variants:
             kw = mode_kwargs(name)
             if kw is None or kw["mode"] == "vanilla":
                 continue
+            if graphed:
+                kw, name = {**kw, "cuda_graphs": True}, name + "+graphs"
             log(f"profile ctx={ctx} {name}")
             try:
                 res = profile_mode(model, ids, kw, args, common)

@@ -21,7 +21,7 @@ class GraphedRowForward:
     every layer writes its rows before attending), so warming up on live state is safe.
     """
 
-    def __init__(self, warmup: int = 2):
+    def __init__(self, warmup: int = 1):
         self.warmup = warmup
         self.graphs: dict = {}
         self.pool = torch.cuda.graph_pool_handle()
