@@ -17,13 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import gc
-import json
-import os
-import platform
-import re
-import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -31,11 +24,29 @@ from pathlib import Path
 
 import torch
 
+from .bench_env import (  # noqa: F401
+    SCHEMA,
+    _density,
+    _entry,
+    _is_oom,
+    _jsonable_kwargs,
+    _Stop,
+    _timed_metrics,
+    add_ratios,
+    commit_info,
+    free_memory,
+    gpu_slug,
+    machine_info,
+    peak_gib,
+    random_prompt,
+    reset_peak,
+    run_steps,
+    sync,
+    write_report,
+)
+from .bench_profile import profile_mode
 from .config import FocusConfig
 from .decode.generate import generate
-
-SCHEMA = "focusdllm.bench/1"
-
 
 # ----------------------------------------------------------------------------------------------- modes
 
@@ -69,112 +80,6 @@ ALL_MODES = ("vanilla", "fastdllm-dual", "fastdllm-prefix", "focus", "focus+reus
 def default_modes() -> list[str]:
     base = ["vanilla", "fastdllm-dual", "fastdllm-prefix", "focus"]
     return base + (["focus+reuse"] if mode_kwargs("focus+reuse") is not None else [])
-
-
-def _jsonable_kwargs(kw: dict) -> dict:
-    out = {k: v for k, v in kw.items() if k != "focus"}
-    if kw.get("focus") is not None:
-        out["focus"] = dataclasses.asdict(kw["focus"])
-    return out
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {"peak_memory_gib": None, "peak_reserved_gib": None}
-    return {
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
-    }
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def random_prompt(cfg, length: int, seed: int, device: torch.device) -> torch.Tensor:
-    """(1, length) token ids drawn below every special id (mask / eos / pad / bos), seeded per length."""
-    specials = [i for i in (cfg.mask_id, cfg.eos_id, cfg.pad_id, cfg.bos_id) if i is not None]
-    hi = min([cfg.vocab_size, *specials])
-    g = torch.Generator().manual_seed(seed * 1_000_003 + length)
-    return torch.randint(0, hi, (1, length), generator=g).to(device)  # (1, L)
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-class _Stop(Exception):
-    """Raised from a generate callback to end a run after a set number of steps."""
-
-
-def run_steps(model, ids, kw: dict, common: dict, warm: int, measure: int) -> dict:
-    """Run `warm` + `measure` steps of one generate call, then stop it; time the last `measure` steps.
-
-    The timer starts after the `warm`-th step has finished on the device and stops after step
-    warm + measure has (both read after a synchronize). Used for warm-ups (measure=0) and for vanilla,
-    whose steps are all the same full forward over the canvas.
-    """
-    dev = ids.device
-    marks: dict[int, float] = {}
-    last = warm + measure
-
-    def cb(step, x, info):
-        n = step + 1  # steps finished
-        if n == warm or n == last:
-            sync(dev)
-            marks[n] = time.perf_counter()
-        if n >= last:
-            raise _Stop
-
-    if warm == 0:
-        sync(dev)
-        marks[0] = time.perf_counter()
-    try:
-        generate(model, ids, callback=cb, **common, **kw)
-    except _Stop:
-        pass
-    sync(dev)
-    seconds = marks[last] - marks[warm] if measure else 0.0
-    return {"seconds": seconds, "steps": measure, "s_per_step": seconds / measure if measure else None}
-
-
-def _density(stats: dict) -> tuple[float | None, float | None]:
-    """(mean density over the sparse layers, mean over all layers counting dense layers as 1)."""
-    per = stats.get("density_per_layer")
-    if not per:
-        return None, 1.0
-    sparse = [d for d in per if d is not None]
-    if not sparse:
-        return None, 1.0
-    return sum(sparse) / len(sparse), sum(1.0 if d is None else d for d in per) / len(per)
-
-
-def _timed_metrics(out_stats: dict) -> dict:
-    keep = ("ms_per_refresh", "ms_per_step", "ms_per_full")
-    m = {k: out_stats.get(k) for k in keep}
-    nfe, ref = out_stats["nfe"], out_stats["refreshes"]
-    m["refresh_total_s"] = (m["ms_per_refresh"] or 0.0) * ref / 1e3 if m["ms_per_refresh"] is not None else None
-    n_steps = nfe - ref
-    if out_stats.get("ms_per_full") is not None:
-        m["full_total_s"] = out_stats["ms_per_full"] * out_stats["nfe"] / 1e3
-    m["step_total_s"] = m["ms_per_step"] * n_steps / 1e3 if m["ms_per_step"] is not None else (0.0 if ref else None)
-    m["timing_run_seconds"] = out_stats["seconds"]
-    return m
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -273,243 +178,6 @@ def measure_vanilla(model, ids, args, common: dict) -> tuple[dict, dict]:
         tokens_per_s_includes_sync=False,
     )
     return m, one
-
-
-# ------------------------------------------------------------------------------------------- profiling
-
-
-_ATTN = ("flash", "fmha", "attention", "attn", "sdpa", "flex", "cudnn")
-_LINEAR = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "matmul", "splitk", "addmm", "aten::mm", "aten::bmm",
-           "aten::linear", "sm90_", "sm80_", "ampere_", "hopper_")
-
-
-def classify_kernel(name: str) -> str:
-    """'attention', 'linear', 'memory' or 'other' by kernel (GPU) or op (CPU) name."""
-    n = name.lower()
-    if "memcpy" in n or "memset" in n:
-        return "memory"
-    if any(s in n for s in _ATTN):
-        return "attention"
-    if n.startswith("triton_tem"):  # compiled templates: mm, else flex attention (the only other one here)
-        return "linear" if "mm" in n else "attention"
-    if any(s in n for s in _LINEAR):
-        return "linear"
-    return "other"
-
-
-def _union_us(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if e <= end:
-            continue
-        total += e - max(s, end)
-        end = e
-    return total
-
-
-def profile_breakdown(events, wall_s: float, n_steps: int, device: torch.device) -> dict:
-    """Attention / linear / memory / other kernel time and CPU-side overhead (wall - GPU busy time)."""
-    from torch.autograd import DeviceType
-
-    by_cat: dict[str, float] = {"attention": 0.0, "linear": 0.0, "memory": 0.0, "other": 0.0}
-    by_name: dict[str, list] = {}
-    intervals = []
-    if device.type == "cuda":
-        for e in events:
-            if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
-                continue
-            dur = e.time_range.end - e.time_range.start
-            if dur <= 0:
-                continue
-            intervals.append((e.time_range.start, e.time_range.end))
-            cat = classify_kernel(e.name)
-            by_cat[cat] += dur
-            rec = by_name.setdefault(e.name, [0.0, 0, cat])
-            rec[0] += dur
-            rec[1] += 1
-        busy_us = _union_us(intervals)
-        unit = "GPU kernel time"
-    else:  # CPU: self time of each op, classified by op name
-        for e in events:
-            if e.device_type != DeviceType.CPU or e.is_async:
-                continue
-            dur = e.self_cpu_time_total
-            if dur <= 0:
-                continue
-            cat = classify_kernel(e.name)
-            by_cat[cat] += dur
-            rec = by_name.setdefault(e.name, [0.0, 0, cat])
-            rec[0] += dur
-            rec[1] += 1
-        busy_us = None
-        unit = "CPU op self time (no GPU)"
-    wall_ms = wall_s * 1e3
-    per = {f"{k}_ms_per_step": v / 1e3 / n_steps for k, v in by_cat.items()}
-    out = {
-        "unit": unit, "steps": n_steps, "wall_ms_per_step": wall_ms / n_steps, **per,
-        "gpu_busy_ms_per_step": None if busy_us is None else busy_us / 1e3 / n_steps,
-        "cpu_overhead_ms_per_step": None if busy_us is None else (wall_ms - busy_us / 1e3) / n_steps,
-        "top_kernels": [
-            {"name": k[:160], "ms_per_step": v[0] / 1e3 / n_steps, "calls_per_step": v[1] / n_steps, "category": v[2]}
-            for k, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]
-        ],
-    }
-    if busy_us is not None and busy_us > 0:
-        out["share_of_gpu_time"] = {k: v / busy_us for k, v in by_cat.items()}
-    return out
-
-
-def profile_mode(model, ids, kw: dict, args, common: dict, n_steps: int = 3) -> dict:
-    """torch.profiler over in-block steps 1..n_steps of block 0 (after its refresh), with timing=True so
-    every step is bracketed by synchronizes; the profiler starts after the refresh has finished."""
-    from torch.profiler import ProfilerActivity, profile
-
-    dev = ids.device
-    run_steps(model, ids, kw, common, warm=n_steps + 1, measure=0)  # warm-up, same shapes
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    prof = profile(activities=acts)
-    marks: dict[str, float] = {}
-
-    def cb(step, x, info):
-        if step == 0:  # the refresh is done (synced by timing=True)
-            prof.start()
-            sync(dev)
-            marks["t0"] = time.perf_counter()
-        elif step == n_steps:
-            sync(dev)
-            marks["t1"] = time.perf_counter()
-            prof.stop()
-            raise _Stop
-
-    try:
-        generate(model, ids, callback=cb, timing=True, **common, **kw)
-    except _Stop:
-        pass
-    if "t1" not in marks:
-        raise RuntimeError(f"profiled run ended before {n_steps} in-block steps (steps per block too small?)")
-    wall = marks["t1"] - marks["t0"]
-    res = profile_breakdown(prof.events(), wall, n_steps, dev)
-    res["note"] = "profiler overhead inflates CPU time; compare wall_ms_per_step with the unprofiled ms_per_step"
-    return res
-
-
-# --------------------------------------------------------------------------------------- provenance
-
-
-def _git(*cmd: str) -> str | None:
-    try:
-        r = subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
-def commit_info() -> dict:
-    cid = _git("rev-parse", "HEAD")
-    if cid:
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
-        return {
-            "id": cid, "dirty": bool(dirty), "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
-            "time": _git("show", "-s", "--format=%cI", "HEAD"), "source": "git",
-        }
-    env = os.environ.get("FOCUSDLLM_COMMIT") or os.environ.get("GIT_COMMIT")
-    return {"id": env, "dirty": None, "source": "env FOCUSDLLM_COMMIT / GIT_COMMIT" if env else "unknown"}
-
-
-def gpu_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return device.type
-    name = torch.cuda.get_device_name(device).lower().replace("nvidia", "").strip()
-    m = re.search(r"[a-z]+\d+[a-z]*", name)
-    return m.group(0) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "node": socket.gethostname(), "processor": platform.processor(), "machine": platform.machine(),
-        "python_implementation": platform.python_implementation(), "python_version": platform.python_version(),
-        "system": platform.system(), "release": platform.release(), "cpu_count": os.cpu_count(),
-        "torch": torch.__version__, "cuda_runtime": torch.version.cuda, "device": str(device),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001 - triton is optional on CPU
-        info["triton"] = None
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu=torch.cuda.get_device_name(device), gpu_capability=f"{p.major}.{p.minor}",
-            gpu_memory_gib=p.total_memory / 2**30, gpu_count=torch.cuda.device_count(),
-        )
-        try:
-            r = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10,
-            )
-            info["driver"] = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
-        except (OSError, subprocess.SubprocessError):
-            info["driver"] = None
-    else:
-        info["gpu"] = None
-    return info
-
-
-# -------------------------------------------------------------------------------------------- report
-
-
-def _stats_block(rounds: list[float]) -> dict:
-    if not rounds:
-        return {"min": None, "max": None, "mean": None, "median": None, "stddev": None, "rounds": 0,
-                "iterations": 1, "ops": None}
-    n = len(rounds)
-    mean = sum(rounds) / n
-    srt = sorted(rounds)
-    med = srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
-    sd = (sum((r - mean) ** 2 for r in rounds) / (n - 1)) ** 0.5 if n > 1 else 0.0
-    return {"min": srt[0], "max": srt[-1], "mean": mean, "median": med, "stddev": sd, "rounds": n,
-            "iterations": 1, "total": sum(rounds), "ops": 1.0 / mean if mean else None}
-
-
-def _entry(name: str, ctx: int, args, kw: dict | None, extra: dict) -> dict:
-    rounds = [r["seconds"] for r in extra.get("rounds", [])] if not extra.get("extrapolated") else []
-    if extra.get("extrapolated") and extra.get("seconds") is not None:
-        rounds = [extra["seconds"]]
-    params = {
-        "mode": name, "context": ctx, "gen_length": args.gen_length, "block_length": args.block_length,
-        "steps": extra.get("nfe_schedule", args.steps), "batch": 1,
-    }
-    if kw is not None:
-        params["generate_kwargs"] = _jsonable_kwargs(kw)
-    return {
-        "group": f"context={ctx}", "name": f"{name}[{ctx}]", "fullname": f"focusdllm.bench::{name}[{ctx}]",
-        "params": params, "param": f"{name}-{ctx}", "stats": _stats_block(rounds), "extra_info": extra,
-        "options": {"timer": "time.perf_counter after device synchronize", "warmup": "outside the timed region"},
-    }
-
-
-def add_ratios(entries: list[dict]) -> None:
-    """Per context: tokens/s of each mode over fastdllm-dual's and vanilla's (same schedule) of this run."""
-    by_ctx: dict[int, dict[str, dict]] = {}
-    for e in entries:
-        by_ctx.setdefault(e["params"]["context"], {})[e["params"]["mode"]] = e
-    for modes in by_ctx.values():
-        ref = {k: (modes[k]["extra_info"].get("tokens_per_s") if k in modes else None)
-               for k in ("fastdllm-dual", "vanilla", "vanilla-1tok")}
-        for e in modes.values():
-            tps = e["extra_info"].get("tokens_per_s")
-            for k, key in (("fastdllm-dual", "speedup_vs_fastdllm_dual"), ("vanilla", "speedup_vs_vanilla"),
-                           ("vanilla-1tok", "speedup_vs_vanilla_1tok")):
-                e["extra_info"][key] = tps / ref[k] if tps and ref[k] else None
-
-
-def write_report(path: Path, report: dict) -> None:
-    add_ratios(report["benchmarks"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------- main
