@@ -25,9 +25,10 @@ def main():
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--graphs", action="store_true")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--fuse", action="store_true")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    model = focusdllm.load_model(a.model, dtype=torch.bfloat16, device="cuda")
+    model = focusdllm.load_model(a.model, dtype=torch.bfloat16, device="cuda").fuse(a.fuse)
     ids = torch.randint(0, model.config.vocab_size - 1000, (1, a.context), device="cuda")
     modes = {
         "fastdllm-dual": dict(mode="fastdllm"),

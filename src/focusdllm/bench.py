@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over 3 in-block steps at the largest context (see --profile-modes)")
     p.add_argument("--profile-modes", nargs="+", default=["fastdllm-dual", "focus"])
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="eager blocks (default on CUDA: model.fuse(), compiled norm/RoPE/MLP elementwise work)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run in-block steps eagerly (default on CUDA: CUDA-graph replay of cached-mode steps)")
     p.add_argument("--max-seconds", type=float, default=None,
@@ -251,6 +253,8 @@ def main(argv=None) -> int:
     log(f"loading {args.model} ({dtype}) on {dev}")
     model = load_model(args.model, dtype=dtype, device=dev, seed=args.seed)
     cfg = model.config
+    if args.fuse and dev.type == "cuda":
+        model.fuse()
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     log(f"loaded: {cfg.n_layers} layers, d_model {cfg.d_model}, {weights_gib:.2f} GiB of weights")
     common = {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps}

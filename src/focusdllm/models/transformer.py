@@ -13,6 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from ..config import ModelConfig
+from . import fused
 
 
 class RMSNorm(nn.Module):
@@ -77,9 +78,12 @@ class Block(nn.Module):
         self.gate_proj = nn.Linear(d, cfg.mlp_hidden, bias=False)
         self.up_proj = nn.Linear(d, cfg.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.mlp_hidden, d, bias=False)
+        self.fused = False  # models/fused.py: compiled halves, see DiffusionLM.fuse
 
     def qkv(self, x, rope: Rotary, cos, sin):
         """x (B, T, C) -> q (B, Hq, T, D), k, v (B, Hkv, T, D); q and k rotated (post-RoPE)."""
+        if self.fused:
+            return fused.block_qkv(self, x, cos, sin)
         h = self.attn_norm(x)
         q = rearrange(self.q_proj(h), "b t (h d) -> b h t d", h=self.n_heads)
         k = rearrange(self.k_proj(h), "b t (h d) -> b h t d", h=self.n_kv_heads)
@@ -88,6 +92,8 @@ class Block(nn.Module):
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """attn (B, Hq, T, D) -> residual + output projection, then the SwiGLU MLP."""
+        if self.fused:
+            return fused.block_finish(self, x, attn)
         x = x + self.o_proj(rearrange(attn, "b h t d -> b t (h d)"))
         h = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -112,6 +118,12 @@ class DiffusionLM(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope = Rotary(cfg.head_dim, cfg.rope_theta * cfg.rope_scaling, cfg.rope_fp32)
+
+    def fuse(self, enabled: bool = True) -> DiffusionLM:
+        """Run every block's elementwise work through compiled kernels (models/fused.py)."""
+        for blk in self.blocks:
+            blk.fused = enabled
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
