@@ -269,6 +269,8 @@ def main(argv=None) -> int:
             "contexts": args.contexts, "modes": modes, "gen_length": args.gen_length,
             "block_length": args.block_length, "steps": args.steps, "batch": 1, "seed": args.seed,
             "repeats": args.repeats, "quick": args.quick,
+            "fused_blocks": bool(args.fuse and dev.type == "cuda"),
+            "cuda_graphs": bool(args.cuda_graphs and dev.type == "cuda"),
             "torch_threads": torch.get_num_threads(), "vanilla_steps": args.vanilla_steps,
             "vanilla_full_max_context": args.vanilla_full_max_context,
             "unavailable_modes": [m for m in modes if mode_kwargs(m) is None],
