@@ -1,7 +1,11 @@
 """Train focus-tiny: a small LLaDA-architecture DiffusionLM on the synthetic long-context tasks.
 
 Masked-diffusion SFT: the prompt stays clean, the answer + EOS region is masked with ratio
-t ~ U(eps, 1) per example, and the loss is CE on masked positions weighted by 1/t. Lengths follow a
+t ~ U(eps, 1) per example, and the loss is the mean CE on masked positions (--t-weight 1: LLaDA's 1/t).
+Retrieval does not form from the sparse task answers alone (loss plateau, 0% exact match); auxiliary
+induction "copy rows" (random tokens then copies of them, every copied token a masked target; half of
+them one exact copy at a per-row offset, half 8-64-token chunks) give a dense copy signal and break the
+plateau (--aux-*). Lengths are held short until the periodic eval passes --gate-acc (or --gate-max). Lengths follow a
 curriculum from short to --max-len; batches hold about --batch-tokens tokens. Data are generated on
 the fly from the seed (focusdllm.tasks), so there is no dataset file.
 
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from focusdllm import DiffusionLM, ModelConfig, load_model, save_model  # noqa: E402
+from focusdllm import DiffusionLM, ModelConfig, generate, load_model, save_model  # noqa: E402
 from focusdllm.models.loading import init_random  # noqa: E402
 from focusdllm.tasks import GEN_LENGTH, TASKS, VOCAB, evaluate, generate_case, make_cases, target_ids  # noqa: E402
 
@@ -41,9 +45,12 @@ PRESETS = {
                 batch_tokens=8192, steps=1200, minutes=60.0, lr=2e-3, warmup=50, eval_every=200,
                 eval_lengths=[384, 640, 1024], eval_n=16, device="cpu", log_every=20),
     # the shipped model: one H100
-    "h100": dict(d_model=256, n_layers=6, n_heads=4, mlp_hidden=768, min_len=384, max_len=8192,
-                 batch_tokens=65536, steps=0, minutes=6.5, lr=1.5e-3, warmup=100, eval_every=400,
-                 eval_lengths=[2048, 4096, 8192, 16384], eval_n=24, device="cuda", log_every=25),
+    "h100": dict(d_model=256, n_layers=4, n_heads=4, mlp_hidden=768, min_len=320, max_len=8192,
+                 batch_tokens=65536, steps=0, minutes=6.6, lr=1.5e-3, warmup=100, eval_every=300,
+                 eval_lengths=[2048, 4096, 8192, 16384], eval_n=24, device="cuda", log_every=25,
+                 weight_decay=0.05, aux_start=0.7, aux_end=0.2, aux_decay=0.6, aux_exact=0.5, gate_acc=0.8,
+                 gate_max=0.55, hold=0.15, ramp=0.85, save_every=40.0, save_dtype="float32", final_generate=1,
+                 rope_theta=1e6),
 }
 
 
@@ -54,10 +61,11 @@ def build_config(a) -> ModelConfig:
     )
 
 
-def sample_length(rng: random.Random, p: float, a) -> int:
-    """Curriculum: --min-len until --hold of the run, then the top grows log-linearly to --max-len at --ramp."""
+def sample_length(rng: random.Random, p: float, a, start: float | None = None) -> int:
+    """Curriculum: --min-len until --hold of the run (or until the gate opens at `start`), then the top
+    grows log-linearly to --max-len at --ramp."""
     lo, hi = math.log(a.min_len), math.log(a.max_len)
-    cur = lo + (hi - lo) * _ramp(p, a)
+    cur = lo + (hi - lo) * _ramp(p, a, start)
     if rng.random() < 0.5:  # half the batches from the top octave reached so far
         x = rng.uniform(max(lo, cur - math.log(2)), cur)
     else:
@@ -65,46 +73,128 @@ def sample_length(rng: random.Random, p: float, a) -> int:
     return max(a.min_len, int(math.exp(x)) // 64 * 64)
 
 
-def _ramp(p: float, a) -> float:
-    return min(1.0, max(0.0, (p - a.hold) / max(1e-9, a.ramp - a.hold)))
+def _ramp(p: float, a, start: float | None = None) -> float:
+    """Length progress in [0, 1]: 0 before `start` (default --hold), 1 from --ramp (or later if the gate
+    opened late: the ramp then takes (--ramp - --hold) of the run)."""
+    start = a.hold if start is None else start
+    if start is None or p < start:
+        return 0.0
+    end = max(a.ramp, start + (a.ramp - a.hold))
+    return min(1.0, (p - start) / max(1e-9, end - start))
 
 
-def make_batch(rng: random.Random, length: int, rows: int):
-    """rows cases of random tasks, each `length` tokens in all (prompt + answer region)."""
-    ids, starts = [], []
-    for _ in range(rows):
-        task = TASKS[rng.randrange(len(TASKS))]
+def aux_fraction(p: float, a) -> float:
+    """Share of copy rows: --aux-start, decaying linearly to --aux-end at --aux-decay of the run."""
+    return a.aux_start + (a.aux_end - a.aux_start) * min(1.0, p / max(1e-9, a.aux_decay))
+
+
+def copy_rows(rng: random.Random, length: int, rows: int, alphabet: int = VOCAB.marker0, mmin: int = 8,
+              mmax: int = 64, src_frac=(0.3, 0.7)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Auxiliary induction rows: random content tokens, then chunks copied from them (the loss region).
+
+    The first n_src = 30-70% of the row is uniform over the content ids (digits, keys, span symbols,
+    filler); the rest is a run of m-token chunks (m in 8-64 per row) copied from random offsets of the
+    first part. Every masked copied token is predictable from an unmasked neighbour by induction (find
+    the neighbour earlier, read the token beside it), so a row carries hundreds of copy targets where a
+    task row carries one 5-10-token answer. -> ids (rows, length), region (rows, length) bool.
+    """
+    g = torch.Generator().manual_seed(rng.getrandbits(62))
+    if mmin <= 0:  # "exact" rows (mmin <= 0): src of n_r = 8..length/3 tokens, its exact copy, then random tokens
+        n = torch.randint(8, max(9, length // 3), (rows, 1), generator=g)
+        i = torch.arange(length)[None]
+        base = torch.randint(0, alphabet, (rows, length), generator=g)
+        idx = torch.where((i >= n) & (i < 2 * n), i - n, i)
+        return base.gather(1, idx), (i >= n) & (i < 2 * n)
+    n_src = max(16, int(length * rng.uniform(*src_frac)))
+    n_dst = length - n_src
+    src = torch.randint(0, alphabet, (rows, n_src), generator=g)
+    m = torch.randint(mmin, mmax + 1, (rows, 1), generator=g).clamp(max=n_src)
+    i = torch.arange(n_dst)[None]
+    chunk, within = i // m, i % m
+    off = (torch.rand(rows, n_dst // 8 + 1, generator=g) * (n_src - m + 1)).long()
+    idx = off.gather(1, chunk) + within
+    ids = torch.cat([src, src.gather(1, idx)], 1)
+    region = torch.zeros(rows, length, dtype=torch.bool)
+    region[:, n_src:] = True
+    return ids, region
+
+
+def make_batch(rng: random.Random, length: int, rows: int, aux_frac: float = 0.0, tasks=TASKS, aux_kw=None):
+    """rows rows of `length` tokens: about aux_frac * rows copy rows, the rest random task cases
+    (prompt + answer region) -> ids (B, L), region (B, L) bool (the positions that get masked)."""
+    n_aux = min(rows, int(aux_frac * rows + rng.random()))
+    ids, region = [], []
+    for _ in range(rows - n_aux):
+        task = tasks[rng.randrange(len(tasks))]
         gl = GEN_LENGTH[task]
         c = generate_case(task, rng, length - gl)
         ids.append(c["input"] + target_ids(c))
-        starts.append(length - gl)
-    return torch.tensor(ids), torch.tensor(starts)
+        region.append([False] * (length - gl) + [True] * gl)
+    ids = torch.tensor(ids, dtype=torch.long).view(-1, length)
+    region = torch.tensor(region, dtype=torch.bool).view(-1, length)
+    kw = dict(aux_kw or {})
+    n_exact = int(kw.pop("exact", 0.0) * n_aux + rng.random()) if n_aux else 0
+    for n, extra in ((n_aux - n_exact, {}), (n_exact, {"mmin": 0})):
+        if n:
+            ai, ar = copy_rows(rng, length, n, **{**kw, **extra})
+            ids, region = torch.cat([ai, ids]), torch.cat([ar, region])
+    return ids, region
 
 
-def diffusion_loss(model, ids, starts, gen: torch.Generator, eps: float = 1e-3):
-    """LLaDA SFT loss: mask the answer region with ratio t per row, CE / t on masked tokens."""
+def diffusion_loss(model, ids, region, gen: torch.Generator, eps: float = 1e-3, t_weight: bool = True):
+    """LLaDA SFT loss: mask the region with ratio t per row; CE / t on masked tokens over the region size
+    (t_weight), or the plain mean CE over masked tokens."""
     b, n = ids.shape
     dev = ids.device
     t = eps + (1 - eps) * torch.rand(b, 1, device=dev, generator=gen)
-    region = torch.arange(n, device=dev)[None] >= starts[:, None]
     masked = region & (torch.rand(b, n, device=dev, generator=gen) < t)
     x = torch.where(masked, model.config.mask_id, ids)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         logits = model(x)
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")
-    loss = (ce / t.expand(b, n)[masked]).sum() / region.sum()
+    if t_weight:
+        loss = (ce / t.expand(b, n)[masked]).sum() / region.sum()
+    else:
+        loss = ce.sum() / masked.sum().clamp(min=1)
     return loss, ce.mean().detach() if ce.numel() else ce.sum().detach()
 
 
-def run_eval(model, lengths, n, tokens_per_step, seed, max_batch_tokens) -> list[dict]:
+def snapshot(model, cfg, out: Path, dtype) -> None:
+    """Write the shippable config.json + model.safetensors (a CPU copy in `dtype`) to `out`."""
+    ship = DiffusionLM(cfg)
+    ship.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    save_model(ship.to(dtype), out)
+
+
+@torch.no_grad()
+def generate_eval(model, cases, max_batch_tokens) -> dict:
+    """Exact match of `focusdllm.generate(mode="vanilla")`, 1 token per step, blocks of 32 (the fidelity
+    suite's dense reference)."""
+    ok = 0
+    lp, gl = len(cases[0]["input"]), cases[0]["gen_length"]
+    bs = max(1, max_batch_tokens // (lp + gl))
+    for j in range(0, len(cases), bs):
+        chunk = cases[j:j + bs]
+        ids = torch.tensor([c["input"] for c in chunk], device=model.device)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+            seq = generate(model, ids, gen_length=gl, block_length=32, steps=gl, mode="vanilla").sequences
+        for c, row in zip(chunk, seq[:, lp:].tolist()):
+            ok += row[: len(c["outputs"])] == c["outputs"]
+    return {"acc": ok / len(cases), "strict": float("nan"), "n": len(cases)}
+
+
+def run_eval(model, lengths, n, tokens_per_step, seed, max_batch_tokens, tasks=TASKS, use_generate=False):
     """Exact match per task and total length (prompt = length - gen_length) with dense decoding."""
     out = []
     model.eval()
     for L in lengths:
-        for task in TASKS:
+        for task in tasks:
             cases = make_cases(task, n, L - GEN_LENGTH[task], seed=seed)
             t0 = time.time()
-            r = evaluate(model, cases, max_batch_tokens=max_batch_tokens, tokens_per_step=tokens_per_step)
+            if use_generate:
+                r = generate_eval(model, cases, max_batch_tokens)
+            else:
+                r = evaluate(model, cases, max_batch_tokens=max_batch_tokens, tokens_per_step=tokens_per_step)
             out.append({"task": task, "length": L, "acc": r["acc"], "strict": r["strict"], "n": r["n"],
                         "secs": round(time.time() - t0, 2)})
     model.train()
@@ -122,19 +212,39 @@ def main(argv=None):
         ap.add_argument("--" + k, type=float)
     ap.add_argument("--eval-lengths", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--device")
-    ap.add_argument("--rope-theta", type=float, default=500000.0)
-    ap.add_argument("--hold", type=float, default=0.2, help="fraction of the run spent at --min-len")
-    ap.add_argument("--ramp", type=float, default=0.6, help="fraction of the run to reach --max-len")
-    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--rope-theta", type=float, default=None)
+    ap.add_argument("--hold", type=float, default=None, help="fraction of the run spent at --min-len")
+    ap.add_argument("--ramp", type=float, default=None, help="fraction of the run to reach --max-len")
+    ap.add_argument("--weight-decay", type=float, default=None)
+    ap.add_argument("--aux-start", type=float, default=None, help="share of induction copy rows at the start")
+    ap.add_argument("--aux-end", type=float, default=None, help="share of copy rows from --aux-decay on")
+    ap.add_argument("--aux-decay", type=float, default=None, help="fraction of the run over which it decays")
+    ap.add_argument("--t-weight", type=int, default=0, help="1: LLaDA's 1/t loss weight; 0: mean CE on masks")
+    ap.add_argument("--gate-acc", type=float, default=None,
+                    help="hold --min-len until the periodic eval's passkey+multikey mean reaches this (0: off)")
+    ap.add_argument("--gate-max", type=float, default=None, help="open the gate anyway at this fraction")
+    ap.add_argument("--save-every", type=float, default=None, help="seconds between shippable snapshots in OUT")
+    ap.add_argument("--final-generate", type=int, default=None,
+                    help="1: final eval through focusdllm.generate(mode='vanilla', steps=gen_length)")
+    ap.add_argument("--init-from", help="a model folder (config.json + model.safetensors) to start from")
+    ap.add_argument("--aux-alphabet", type=int, default=VOCAB.marker0, help="copy rows draw ids below this")
+    ap.add_argument("--aux-chunk", type=lambda s: [int(x) for x in s.split(",")], default=[8, 64])
+    ap.add_argument("--aux-src", type=lambda s: [float(x) for x in s.split(",")], default=[0.3, 0.7])
+    ap.add_argument("--aux-exact", type=float, default=None,
+                    help="share of copy rows that are one exact copy (src, copy, random) instead of chunks")
+    ap.add_argument("--tasks", type=lambda s: tuple(s.split(",")), default=TASKS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", type=int, default=1000)
     ap.add_argument("--eval-tokens-per-step", type=int, default=1)
     ap.add_argument("--eval-batch-tokens", type=int, default=262144)
-    ap.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--save-dtype", choices=["bfloat16", "float32"], default=None)
     ap.add_argument("--ckpt", help="where to write the training checkpoint (default: OUT/ckpt.pt)")
     ap.add_argument("--resume", help="a ckpt.pt written by an earlier run (continues its schedule)")
     a = ap.parse_args(argv)
-    for k, v in PRESETS[a.preset].items():
+    defaults = dict(weight_decay=0.1, aux_start=0.5, aux_end=0.1, aux_decay=0.5, aux_exact=0.5, gate_acc=0.0,
+                    gate_max=0.5, hold=0.2, ramp=0.6, save_every=0.0, rope_theta=500000.0, final_generate=0,
+                    save_dtype="bfloat16")
+    for k, v in {**defaults, **PRESETS[a.preset]}.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -153,6 +263,8 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
+    if a.init_from:
+        model.load_state_dict(load_model(a.init_from, device=dev).state_dict())
     gen = torch.Generator(device=dev).manual_seed(a.seed)
     step, trained_s = 0, 0.0
     if a.resume:
@@ -177,24 +289,31 @@ def main(argv=None):
     t_start = time.time() - trained_s
     tok_since, t_log = 0, time.time()
     losses = []
+    gate_p, t_save = None, time.time()
     while True:
         elapsed = time.time() - t_start
         p = step / a.steps if a.steps else elapsed / budget
         if p >= 1.0 or elapsed >= budget:
             break
+        if a.gate_acc > 0 and gate_p is None and p >= a.gate_max:
+            gate_p = p
+            emit({"event": "gate", "step": step, "p": p, "forced": True})
         rng = random.Random(a.seed * 1_000_003 + step)
-        L = sample_length(rng, p, a)
+        L = sample_length(rng, p, a, gate_p if a.gate_acc > 0 else None)
         rows = max(1, a.batch_tokens // L)
-        ids, starts = make_batch(rng, L, rows)
-        ids, starts = ids.to(dev, non_blocking=True), starts.to(dev, non_blocking=True)
+        aux_kw = dict(alphabet=a.aux_alphabet, mmin=a.aux_chunk[0], mmax=a.aux_chunk[1],
+                      src_frac=(a.aux_src[0], a.aux_src[1]), exact=a.aux_exact)
+        ids, region = make_batch(rng, L, rows, aux_fraction(p, a), a.tasks, aux_kw)
+        ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, ce = diffusion_loss(model, ids, starts, gen)
+        loss, ce = diffusion_loss(model, ids, region, gen, t_weight=bool(a.t_weight))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if torch.isfinite(gnorm):  # skip a non-finite step rather than poison the weights
+            opt.step()
         step += 1
         tok_since += ids.numel()
         losses.append(loss.detach())
@@ -207,25 +326,31 @@ def main(argv=None):
             losses, tok_since, t_log = [], 0, time.time()
         if a.eval_every and step % a.eval_every == 0:
             lo, hi = math.log(a.min_len), math.log(a.max_len)
-            cur = max(a.min_len, int(math.exp(lo + (hi - lo) * _ramp(p, a))) // 64 * 64)
+            cur = max(a.min_len, int(math.exp(lo + (hi - lo) * _ramp(p, a, gate_p if a.gate_acc > 0 else None)))
+                      // 64 * 64)
             te = time.time()
-            for r in run_eval(model, [cur], 8, 2, a.eval_seed + step, a.eval_batch_tokens):
+            res = run_eval(model, [cur], 8, 2, a.eval_seed + step, a.eval_batch_tokens, a.tasks)
+            for r in res:
                 emit({"event": "eval", "step": step, **r})
+            gated = [r["acc"] for r in res if r["task"] in ("passkey", "multikey")]
+            if a.gate_acc > 0 and gate_p is None and gated and sum(gated) / len(gated) >= a.gate_acc:
+                gate_p = p
+                emit({"event": "gate", "step": step, "p": p, "forced": False})
             t_start += time.time() - te  # eval time does not count against the training budget
             t_log = time.time()
+        if a.save_every and time.time() - t_save >= a.save_every:
+            snapshot(model, cfg, out, getattr(torch, a.save_dtype))
+            t_save = time.time()
     trained_s = time.time() - t_start
     emit({"event": "trained", "steps": step, "train_secs": trained_s})
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "trained_s": trained_s,
                 "gen": gen.get_state()}, a.ckpt or out / "ckpt.pt")
-    dtype = getattr(torch, a.save_dtype)
-    ship = DiffusionLM(cfg)
-    ship.load_state_dict(model.state_dict())
-    save_model(ship.to(dtype), out)
+    snapshot(model, cfg, out, getattr(torch, a.save_dtype))
     del model, opt
     shipped = load_model(out, device=dev)  # evaluate exactly what ships (fp32 from the saved weights)
     te = time.time()
     results = run_eval(shipped, a.eval_lengths, a.eval_n, a.eval_tokens_per_step, a.eval_seed,
-                       a.eval_batch_tokens)
+                       a.eval_batch_tokens, a.tasks, use_generate=bool(a.final_generate))
     for r in results:
         emit({"event": "final_eval", "step": step, **r})
     (out / "eval.json").write_text(json.dumps({"steps": step, "train_secs": trained_s, "results": results,
