@@ -200,3 +200,13 @@ def test_prompt_kv_reuse_changes_deep_models_and_refresh_every(llada64):
     assert torch.equal(plain.sequences, every1.sequences)  # re-prefill at every block == no reuse
     reuse = generate(llada64, ids, focus=base.with_(reuse_prompt_kv=True), **kw)
     assert reuse.nfe == plain.nfe and (reuse.sequences[0, 64:] != llada64.config.mask_id).all()
+
+
+def test_bound_block_score_full_budget_equals_dual(llada64):
+    ids = _prompt(21, 90)
+    cfg = FocusConfig(window=BLOCK_WIDE, keep_ratio=1.0, block_size=16, block_score="bound", backend="torch")
+    assert torch.equal(_gen(llada64, ids, mode="fastdllm").sequences,
+                       _gen(llada64, ids, mode="focus", focus=cfg).sequences)
+    sparse = FocusConfig(block_size=16, keep_ratio=0.2, min_blocks=1, block_score="bound", backend="torch")
+    out = _gen(llada64, ids, mode="focus", focus=sparse)
+    assert 0 < out.stats["density_per_layer"][-1] < 1

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from focusdllm.attention.selection import KeySelection, block_counts
-from focusdllm.focus.selection import block_representatives, block_scores
+from focusdllm.focus.selection import block_bounds, block_representatives, block_scores
 from focusdllm.focus.sinks import sink_scores, top_sinks
 
 
@@ -35,3 +35,35 @@ def test_planted_sink_and_relevant_block_are_found():
     rep = block_representatives(k, torch.tensor([p]), 16, 4)  # (B, H, 4, D)
     sc = block_scores(q, torch.ones(b, t, dtype=torch.bool), rep, per_head=True)
     assert (sc.argmax(-1) == 37 // 16).all()
+
+
+@given(st.integers(0, 10**6))
+def test_bound_score_upper_bounds_every_key_and_finds_a_lone_needle(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, h, t, d, p, bs = 1, 2, 3, 8, 64, 16
+    q = torch.randn(b, h, t, d, generator=g)
+    k = torch.randn(b, h, p, d, generator=g)
+    plen = torch.tensor([p - 5])
+    kmin, kmax = block_bounds(k, plen, bs, 4)
+    focus = torch.ones(b, t, dtype=torch.bool)
+    bound = block_scores(q, focus, (kmin, kmax), per_head=True)  # (B, H, 4)
+    exact = torch.einsum("bhtd,bhpd->bhtp", q, k)[..., : p - 5].amax(2)  # best q.k per key
+    for j in range(4):
+        lo, hi = j * bs, min((j + 1) * bs, p - 5)
+        assert (bound[..., j] >= exact[..., lo:hi].amax(-1) - 1e-5).all()
+
+
+def test_bound_score_sees_a_needle_that_the_mean_dilutes():
+    torch.manual_seed(1)
+    b, h, t, d, p, bs = 1, 1, 1, 16, 128, 64
+    q = torch.zeros(b, h, t, d)
+    q[..., 0] = 1.0
+    k = torch.randn(b, h, p, d) * 0.3
+    k[..., 0] = -0.5  # filler keys point away from the query ...
+    k[:, :, 100, 0] = 8.0  # ... except one needle in block 1
+    k[:, :, :64, 0] = -0.1  # block 0 is mildly negative everywhere: its mean beats block 1's
+    plen = torch.tensor([p])
+    focus = torch.ones(b, t, dtype=torch.bool)
+    mean_s = block_scores(q, focus, block_representatives(k, plen, bs, 2), per_head=True)
+    bound_s = block_scores(q, focus, block_bounds(k, plen, bs, 2), per_head=True)
+    assert mean_s.argmax(-1).item() == 0 and bound_s.argmax(-1).item() == 1

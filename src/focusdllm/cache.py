@@ -19,7 +19,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.trash = capacity - 1
-        self.block_rep: list[torch.Tensor | None] = [None] * n_layers  # each (B, Hkv, NBp, D)
+        self.block_rep: list = [None] * n_layers  # each (B, Hkv, NBp, D), or a (min, max) pair of them
 
     def write(self, layer: int, rows: torch.Tensor, write: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Scatter k, v (B, Hkv, T, D) into slots rows (B, T); rows with write=False go to the trash slot."""

@@ -16,7 +16,7 @@ from ..attention.backend import sparse_attention
 from ..attention.selection import block_counts
 from ..cache import KVCache
 from ..focus.indicator import StepRows
-from ..focus.selection import block_representatives, block_scores, select_keys
+from ..focus.selection import block_bounds, block_representatives, block_scores, select_keys
 from ..focus.sinks import sink_scores, top_sinks
 from ..models.transformer import DiffusionLM, dense_attention
 
@@ -70,6 +70,7 @@ class SparsePlan:
     n_keep: torch.Tensor  # (B,) K per row
     response: torch.Tensor  # (B, Cap) bool: slots [P_b, P_b + G)
     backend: str
+    block_score: str  # "mean" (paper: mean-pooled key) or "bound" (channel-wise min/max bound)
     max_keys: int  # static bound on kept keys per row (keeps the gather backend sync-free)
     record: bool = False  # keep the step's sinks / kept blocks for callbacks
     last: dict = field(default_factory=dict)
@@ -97,9 +98,8 @@ def full_forward(model: DiffusionLM, canvas: Canvas, cache: KVCache | None, rep_
         if cache is not None:
             cache.write_prefix(i, k, v)
             if rep_plan is not None and i > rep_plan.sink_layer:
-                cache.block_rep[i] = block_representatives(
-                    cache.k[i], canvas.prompt_len, rep_plan.block_size, rep_plan.n_blocks_host
-                )
+                rep = block_bounds if rep_plan.block_score == "bound" else block_representatives
+                cache.block_rep[i] = rep(cache.k[i], canvas.prompt_len, rep_plan.block_size, rep_plan.n_blocks_host)
         h = blk.finish(h, dense_attention(q, k, v, valid))
     return h
 

@@ -304,7 +304,7 @@ def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dtype, recor
         sink_layer=focus.resolve_sink_layer(n_layers), num_sinks=focus.num_sinks,
         per_head=focus.per_head, block_size=bs, n_blocks_host=-(-canvas.max_prompt // bs),
         n_blocks_row=nb_row, n_keep=n_keep, response=response,
-        backend=resolve_backend(focus.backend, dev, dtype), record=record,
+        backend=resolve_backend(focus.backend, dev, dtype), record=record, block_score=focus.block_score,
         max_keys=max(keep_host) * bs + focus.num_sinks + canvas.gen_length,
     )
 

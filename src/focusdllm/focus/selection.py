@@ -32,17 +32,41 @@ def block_representatives(k: torch.Tensor, prompt_len: torch.Tensor, block_size:
     return (total / w.sum(-1).clamp(min=1)[:, None, :, None]).to(k.dtype)
 
 
-def block_scores(q: torch.Tensor, focus: torch.Tensor, rep: torch.Tensor, per_head: bool) -> torch.Tensor:
+def block_bounds(k: torch.Tensor, prompt_len: torch.Tensor, block_size: int, n_blocks: int):
+    """Channel-wise min and max of each prompt block's keys (beyond the paper: a Quest-style bound).
+
+    Returns (kmin, kmax), each (B, Hkv, n_blocks, D); slots outside the prompt are ignored.
+    """
+    span = n_blocks * block_size
+    inside = torch.arange(span, device=k.device)[None, :] < prompt_len[:, None]  # (B, span)
+    kb = rearrange(k[:, :, :span], "b h (n s) d -> b h n s d", s=block_size)
+    w = rearrange(inside, "b (n s) -> b 1 n s 1", s=block_size)
+    big = torch.finfo(k.dtype).max
+    kmin = kb.masked_fill(~w, big).amin(3)
+    kmax = kb.masked_fill(~w, -big).amax(3)
+    return kmin, kmax
+
+
+def block_scores(q: torch.Tensor, focus: torch.Tensor, rep, per_head: bool) -> torch.Tensor:
     """Score = max over focus rows and the query heads of a group of q . k_rep.
 
     Args:
-        q: (B, Hq, T, D) queries; focus: (B, T) bool focus rows; rep: (B, Hkv, NBp, D).
+        q: (B, Hq, T, D) queries; focus: (B, T) bool focus rows; rep: (B, Hkv, NBp, D) mean keys, or
+            (kmin, kmax) channel bounds, scored as sum_d max(q_d kmin_d, q_d kmax_d) >= every q . k
+            of the block.
     Returns:
         (B, Hs, NBp) float32, Hs = Hkv (per_head) or 1 (shared).
     """
-    hkv = rep.shape[1]
-    qg = rearrange(q, "b (h g) t d -> b h (g t) d", h=hkv)  # (B, Hkv, G*T, D)
-    s = torch.einsum("bhqd,bhnd->bhqn", qg.float(), rep.float())  # (B, Hkv, G*T, NBp)
+    bounds = isinstance(rep, tuple)
+    hkv = rep[0].shape[1] if bounds else rep.shape[1]
+    qg = rearrange(q, "b (h g) t d -> b h (g t) d", h=hkv).float()  # (B, Hkv, G*T, D)
+    if bounds:
+        kmin, kmax = rep
+        s = torch.einsum("bhqd,bhnd->bhqn", qg.clamp(min=0), kmax.float()) + torch.einsum(
+            "bhqd,bhnd->bhqn", qg.clamp(max=0), kmin.float()
+        )
+    else:
+        s = torch.einsum("bhqd,bhnd->bhqn", qg, rep.float())  # (B, Hkv, G*T, NBp)
     g = q.shape[1] // hkv
     fmask = focus.repeat(1, g)[:, None, :, None]  # (B, 1, G*T, 1), (g t) order
     s = s.masked_fill(~fmask, NEG).amax(2)  # (B, Hkv, NBp)
