@@ -27,11 +27,8 @@ SETTINGS = settings(deadline=None, max_examples=25, derandomize=True,
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny matmuls: one intra-op thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
