@@ -210,3 +210,21 @@ def test_bound_block_score_full_budget_equals_dual(llada64):
     sparse = FocusConfig(block_size=16, keep_ratio=0.2, min_blocks=1, block_score="bound", backend="torch")
     out = _gen(llada64, ids, mode="focus", focus=sparse)
     assert 0 < out.stats["density_per_layer"][-1] < 1
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_prefill_pruning_keeping_every_row_is_exact_and_pruning_runs(llada64, dream64, arch):
+    """SlimInfer-style pruning with a ratio that keeps every row takes the pruned code path and must
+    reproduce the plain refresh; a real ratio still decodes every position."""
+    model = llada64 if arch == "llada" else dream64
+    ids = _prompt(5, 70)
+    base = FocusConfig(block_size=16, keep_ratio=0.3, min_blocks=1, num_sinks=2, backend="torch")
+    plain = _gen(model, ids, mode="focus", focus=base)
+    same = _gen(model, ids, mode="focus", focus=base.with_(prefill_keep=0.999, prefill_layer=1))
+    assert torch.equal(plain.sequences, same.sequences)
+    pruned = _gen(model, ids, mode="focus", focus=base.with_(prefill_keep=0.3, prefill_layer=1))
+    assert (pruned.sequences[0, 70:] != model.config.mask_id).all()
+    with pytest.raises(ConfigError, match="prefill_layer=3"):
+        _gen(model, ids, mode="focus", focus=base.with_(prefill_keep=0.5, prefill_layer=3))
+    with pytest.raises(ConfigError, match="prefill_keep"):
+        FocusConfig(prefill_keep=0.0)

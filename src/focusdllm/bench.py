@@ -67,6 +67,8 @@ def mode_kwargs(name: str) -> dict | None:
         return {"mode": "focus", "cache": "dual", "focus": FocusConfig.paper()}
     if name == "focus-lossless":
         return {"mode": "focus", "cache": "dual", "focus": FocusConfig.lossless()}
+    if name == "focus+reuse+slim":
+        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_keep=0.5)}
     if name == "focus+reuse":
         if not _has_reuse() or not hasattr(FocusConfig, "fast"):
             return None
@@ -74,7 +76,8 @@ def mode_kwargs(name: str) -> dict | None:
     raise ValueError(f"unknown bench mode {name!r}; known: {ALL_MODES}")
 
 
-ALL_MODES = ("vanilla", "fastdllm-dual", "fastdllm-prefix", "focus", "focus+reuse", "focus-lossless")
+ALL_MODES = ("vanilla", "fastdllm-dual", "fastdllm-prefix", "focus", "focus+reuse", "focus+reuse+slim",
+             "focus-lossless")
 
 
 def default_modes() -> list[str]:

@@ -131,6 +131,10 @@ class FocusConfig:
         reuse_prompt_kv: beyond the paper: prefill the prompt once; later block starts refresh only
             the response region against the cached prompt K/V (DESIGN.md: the refresh dominates).
         prompt_refresh_every: with reuse, re-prefill the whole canvas every N blocks (0 = never).
+        prefill_keep: beyond the paper (SlimInfer-style): after `prefill_layer`, a refresh keeps
+            computing only this fraction of prompt rows (by response attention); the rest keep their
+            hidden state and only get K/V projections. 1.0 = off.
+        prefill_layer: the layer that scores the prompt rows; None = sink_layer.
     """
 
     window: int = 3
@@ -146,6 +150,8 @@ class FocusConfig:
     backend: str = "auto"
     reuse_prompt_kv: bool = False
     prompt_refresh_every: int = 0
+    prefill_keep: float = 1.0
+    prefill_layer: int | None = None
 
     def __post_init__(self):
         if self.window < 1 or self.window % 2 == 0:
@@ -168,6 +174,10 @@ class FocusConfig:
             raise ConfigError(f"min_blocks={self.min_blocks} must be >= 1")
         if self.prompt_refresh_every < 0:
             raise ConfigError(f"prompt_refresh_every={self.prompt_refresh_every} must be >= 0 (0 = never)")
+        if not (0.0 < self.prefill_keep <= 1.0):
+            raise ConfigError(f"prefill_keep={self.prefill_keep} must be in (0, 1] (1 = no pruning)")
+        if self.prefill_layer is not None and self.prefill_layer < 0:
+            raise ConfigError(f"prefill_layer={self.prefill_layer} must be >= 0 (or None for sink_layer)")
         if self.block_score not in ("mean", "bound"):
             raise ConfigError(f"block_score={self.block_score!r}: use 'mean' (paper) or 'bound'")
         if self.backend not in ("auto", "torch", "flex"):

@@ -25,6 +25,7 @@ MODES = {
     "focus-flex": dict(mode="focus", focus=FocusConfig.paper(backend="flex")),
     "focus-bound": dict(mode="focus", focus=FocusConfig.paper(block_score="bound", backend="torch")),
     "focus-fast": dict(mode="focus", focus=FocusConfig.fast(backend="torch")),
+    "focus-fast-slim": dict(mode="focus", focus=FocusConfig.fast(prefill_keep=0.5, backend="torch")),
     # a deliberately broken sparse setting: one block kept, no sinks, pruning from layer 1 on
     "bad": dict(mode="focus", focus=FocusConfig(keep_ratio=0.01, min_blocks=1, num_sinks=0, sink_layer=0,
                                                 backend="torch")),

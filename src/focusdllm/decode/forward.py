@@ -16,6 +16,7 @@ from ..attention.backend import sparse_attention
 from ..attention.selection import block_counts
 from ..cache import KVCache
 from ..focus.indicator import StepRows
+from ..focus.prefill import kept_rows
 from ..focus.selection import block_bounds, block_representatives, block_scores, select_keys
 from ..focus.sinks import sink_scores, top_sinks
 from ..models.transformer import DiffusionLM, dense_attention
@@ -48,6 +49,7 @@ class Canvas:
     gen_length: int
     padded: bool
     max_prompt: int
+    prompt_host: list[int]
 
     @property
     def length(self) -> int:
@@ -70,6 +72,8 @@ class SparsePlan:
     n_keep: torch.Tensor  # (B,) K per row
     response: torch.Tensor  # (B, Cap) bool: slots [P_b, P_b + G)
     backend: str
+    prefill_keep: float  # fraction of prompt rows the refresh keeps computing after prefill_layer
+    prefill_layer: int
     block_score: str  # "mean" (paper: mean-pooled key) or "bound" (channel-wise min/max bound)
     max_keys: int  # static bound on kept keys per row (keeps the gather backend sync-free)
     record: bool = False  # keep the step's sinks / kept blocks for callbacks
@@ -93,6 +97,8 @@ def full_forward(model: DiffusionLM, canvas: Canvas, cache: KVCache | None, rep_
     cos, sin = model.rope.cos_sin(pos, model.dtype)
     valid = canvas.kv_valid(n)
     h = model.embed(canvas.x)
+    prune = rep_plan is not None and rep_plan.prefill_keep < 1.0
+    keep = None  # (B, N) rows still computed after the prune layer (focus/prefill.py)
     for i, blk in enumerate(model.blocks):
         q, k, v = blk.qkv(h, model.rope, cos, sin)
         if cache is not None:
@@ -100,7 +106,15 @@ def full_forward(model: DiffusionLM, canvas: Canvas, cache: KVCache | None, rep_
             if rep_plan is not None and i > rep_plan.sink_layer:
                 rep = block_bounds if rep_plan.block_score == "bound" else block_representatives
                 cache.block_rep[i] = rep(cache.k[i], canvas.prompt_len, rep_plan.block_size, rep_plan.n_blocks_host)
-        h = blk.finish(h, dense_attention(q, k, v, valid))
+        if keep is None:
+            h = blk.finish(h, dense_attention(q, k, v, valid))
+        else:  # pruned prompt rows: K/V from their frozen hidden state, no attention or MLP
+            qk = q.gather(2, keep[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+            idx = keep[..., None].expand(-1, -1, h.shape[-1])  # (B, N, C)
+            h = h.scatter(1, idx, blk.finish(h.gather(1, idx), dense_attention(qk, k, v, valid)))
+        if prune and i == rep_plan.prefill_layer:
+            keep = kept_rows(q, k, canvas.prompt_len, canvas.row_len, canvas.gen_length, rep_plan.prefill_keep,
+                             canvas.prompt_host)
     return h
 
 

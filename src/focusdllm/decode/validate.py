@@ -107,6 +107,6 @@ def make_canvas(input_ids, attention_mask, gen_length, mask_id, pad_id, capacity
     valid = torch.arange(capacity, device=dev)[None, :] < row_len[:, None]
     canvas = Canvas(
         x=x, prompt_len=prompt_len, row_len=row_len, valid=valid, gen_length=gen_length,
-        padded=len(set(pl)) > 1, max_prompt=max_p,
+        padded=len(set(pl)) > 1, max_prompt=max_p, prompt_host=pl,
     )
     return canvas, pad_left
