@@ -1,0 +1,73 @@
+"""Which part of Focus-dLLM costs accuracy on the shipped model: one change at a time (CPU is enough).
+
+    python bench/ablate_focus.py --length 2048 --out bench/results/ablation_cpu_2k.json
+
+Cases: passkey + multikey, 5 needle depths x 2 (the `focusdllm eval` cases), decoded 1 token per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import focusdllm
+from focusdllm import FocusConfig
+from focusdllm import evaluate as E
+from focusdllm.tasks import make_cases
+
+T = dict(backend="torch")
+GRID = {
+    "dense": None,
+    "paper": FocusConfig.paper(**T),
+    "lossless (no pruning)": FocusConfig.lossless(**T),
+    "keep_ratio=0.25": FocusConfig(keep_ratio=0.25, **T),
+    "block_size=16": FocusConfig(block_size=16, **T),
+    "num_sinks=0": FocusConfig(num_sinks=0, **T),
+    "num_sinks=64": FocusConfig(num_sinks=64, **T),
+    "per_head=False": FocusConfig(per_head=False, **T),
+    "block_score=bound": FocusConfig(block_score="bound", **T),
+    "bound, keep_ratio=0.05": FocusConfig(block_score="bound", keep_ratio=0.05, **T),
+    "bound, keep_ratio=0.25": FocusConfig(block_score="bound", keep_ratio=0.25, **T),
+    "bound, num_sinks=64": FocusConfig(block_score="bound", num_sinks=64, **T),
+    "bound, sink_layer=2": FocusConfig(block_score="bound", sink_layer=2, **T),
+    "fast (reuse + bound)": FocusConfig.fast(**T),
+    "fast, prefill_keep=0.5": FocusConfig.fast(prefill_keep=0.5, **T),
+    "fast, prefill_keep=0.25": FocusConfig.fast(prefill_keep=0.25, **T),
+}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="focus-tiny")
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    model = focusdllm.load_model(a.model)
+    cases = []
+    for task in ("passkey", "multikey"):
+        for di in range(5):
+            cases += make_cases(task, 2, a.length, seed=a.seed + di, depth=di / 4)
+    res = {"model": a.model, "length": a.length, "n": len(cases), "torch": torch.__version__, "rows": {}}
+    ref = None
+    for name, cfg in GRID.items():
+        E.MODES[name] = dict(mode="vanilla") if cfg is None else dict(mode="focus", focus=cfg)
+        t0 = time.perf_counter()
+        preds, _ = E.run_cases(model, cases, [name], log=lambda s: None)
+        gens = preds[name]
+        ref = gens if ref is None else ref
+        hits = [g[: len(c["outputs"])] == c["outputs"] for g, c in zip(gens, cases)]
+        agree = sum(sum(x == y for x, y in zip(g, r)) / len(g) for g, r in zip(gens, ref)) / len(gens)
+        res["rows"][name] = {"acc": sum(hits) / len(hits), "agreement": agree, "ci95": E.bootstrap_ci(hits),
+                             "config": None if cfg is None else cfg.__dict__, "seconds": time.perf_counter() - t0}
+        print(f"{name:<26} acc {100 * sum(hits) / len(hits):5.1f}%  agreement {100 * agree:5.1f}%", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
