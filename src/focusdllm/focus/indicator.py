@@ -126,13 +126,12 @@ def response_rows(
     """Rows of a response-only refresh (prompt KV reuse): every generation slot is recomputed
     against the cached prompt K/V; the current block's masked positions are candidates."""
     b, bl = masked.shape
-    before, after = block * bl, gen_length - (block + 1) * bl
+    before = block * bl  # generated slots left of the block: the strip's left margin
     active_w = torch.ones(b, shift + gen_length, dtype=torch.bool, device=masked.device)
     active_w[:, :shift] = False
     rows = build_rows(
         prompt_len + before, row_len, active_w, masked, torch.zeros_like(masked), radius=before, shift=shift,
         n_rows=shift + gen_length,
     )
-    del after
     rows.dense = True
     return rows

@@ -12,7 +12,7 @@ import math
 import torch
 from einops import rearrange
 
-from ..decode.schedule import NEG
+from ..decode.schedule import NEG, stable_rank
 
 
 def sink_scores(q: torch.Tensor, k_prompt: torch.Tensor, active: torch.Tensor, prompt_len: torch.Tensor):
@@ -41,7 +41,5 @@ def sink_scores(q: torch.Tensor, k_prompt: torch.Tensor, active: torch.Tensor, p
 
 def top_sinks(scores: torch.Tensor, num_sinks: int, prompt_len: torch.Tensor) -> torch.Tensor:
     """Stable top-`num_sinks` prompt positions: (B, P) scores -> (B, P) bool."""
-    from ..decode.schedule import stable_rank
-
     n = torch.clamp(prompt_len, max=num_sinks)
     return stable_rank(scores) < n[:, None]
