@@ -13,30 +13,16 @@ from .generators import target_ids
 def dense_decode(
     model, prompts: torch.Tensor, gen_length: int, block_length: int = 32, tokens_per_step: int = 1
 ) -> torch.Tensor:
-    """Greedy masked-diffusion decode with full (dense) attention at every step.
+    """Dense reference decode: `generate(mode="vanilla")` (low-confidence remasking, blocks of
+    `block_length` left to right, `tokens_per_step` per step), under bf16 autocast on CUDA.
+    prompts (B, Lp) -> (B, gen_length)."""
+    from ..decode.generate import generate
 
-    Blocks of `block_length` are filled left to right; inside a block each step commits the
-    `tokens_per_step` most confident masked positions (argmax tokens). prompts (B, Lp) -> (B, gen_length).
-    """
-    cfg = model.config
-    b, lp = prompts.shape
-    x = torch.full((b, lp + gen_length), cfg.mask_id, dtype=torch.long, device=prompts.device)
-    x[:, :lp] = prompts
-    for s in range(0, gen_length, block_length):
-        lo, hi = lp + s, lp + min(s + block_length, gen_length)
-        while True:
-            masked = x[:, lo:hi] == cfg.mask_id
-            if not masked.any():
-                break
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-                logits = model(x)[:, lo:hi].float()
-            prob, tok = logits.softmax(-1).max(-1)
-            prob = prob.masked_fill(~masked, -1.0)
-            k = min(tokens_per_step, hi - lo)
-            top = prob.topk(k, dim=-1).indices
-            pick = torch.zeros_like(masked).scatter_(1, top, True) & masked
-            x[:, lo:hi] = torch.where(pick, tok, x[:, lo:hi])
-    return x[:, lp:]
+    steps = gen_length // tokens_per_step
+    with torch.autocast(prompts.device.type, dtype=torch.bfloat16, enabled=prompts.device.type == "cuda"):
+        out = generate(model, prompts, gen_length=gen_length, block_length=min(block_length, gen_length),
+                       steps=steps, mode="vanilla")
+    return out.sequences[:, prompts.shape[1]:]
 
 
 def exact_match(case: dict, generated, eos_id: int | None = None) -> bool:
