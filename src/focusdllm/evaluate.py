@@ -45,28 +45,23 @@ def bootstrap_ci(hits: list[bool], n_boot: int = 2000, seed: int = 0) -> tuple[f
 def run_cases(model, cases, modes, block_length=32, tokens_per_step=1, batch_tokens=65536, log=print):
     """Decode every case in every mode. Returns {mode: [generated ids per case]} and seconds per mode."""
     from . import generate
+    from .tasks.scoring import batched
 
     dev = model.device
     out = {m: [None] * len(cases) for m in modes}
     secs = dict.fromkeys(modes, 0.0)
-    groups: dict = {}
-    for i, c in enumerate(cases):
-        groups.setdefault((len(c["input"]), c["gen_length"]), []).append(i)
-    for (lp, gl), idx in groups.items():
-        bs = max(1, batch_tokens // (lp + gl))
-        for j in range(0, len(idx), bs):
-            chunk = idx[j:j + bs]
-            ids = torch.tensor([cases[i]["input"] for i in chunk], device=dev)
-            for m in modes:
-                t0 = time.perf_counter()
-                res = generate(model, ids, gen_length=gl, block_length=block_length,
-                               steps=gl // tokens_per_step, **MODES[m])
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                secs[m] += time.perf_counter() - t0
-                for i, row in zip(chunk, res.sequences[:, lp:].tolist()):
-                    out[m][i] = row
-        log(f"  length {lp}: {len(idx)} cases done")
+    for chunk, ids, gl in batched(cases, batch_tokens, dev):
+        lp = ids.shape[1]
+        for m in modes:
+            t0 = time.perf_counter()
+            res = generate(model, ids, gen_length=gl, block_length=block_length, steps=gl // tokens_per_step,
+                           **MODES[m])
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            secs[m] += time.perf_counter() - t0
+            for i, row in zip(chunk, res.sequences[:, lp:].tolist()):
+                out[m][i] = row
+        log(f"  length {lp}: {len(chunk)} cases done")
     return out, secs
 
 

@@ -33,24 +33,29 @@ def exact_match(case: dict, generated, eos_id: int | None = None) -> bool:
     return gen[: len(case["outputs"])] == case["outputs"]
 
 
-def evaluate(
-    model, cases: list[dict], max_batch_tokens: int = 65536, block_length: int = 32, tokens_per_step: int = 1,
-) -> dict:
-    """Dense-decode `cases` (grouped by prompt and gen length) -> {"acc", "strict", "n", "preds"}."""
-    dev = model.device
-    eos = model.config.eos_id
+def batched(cases: list[dict], max_batch_tokens: int, device):
+    """Group cases by (prompt length, gen length) and cut groups into batches of at most
+    `max_batch_tokens` canvas tokens. Yields (case indices, prompts (B, Lp) on device, gen_length)."""
     groups = defaultdict(list)
     for i, c in enumerate(cases):
         groups[(len(c["input"]), c["gen_length"])].append(i)
-    preds: list = [None] * len(cases)
     for (lp, gl), idx in groups.items():
         bs = max(1, max_batch_tokens // (lp + gl))
         for j in range(0, len(idx), bs):
             chunk = idx[j:j + bs]
-            prompts = torch.tensor([cases[i]["input"] for i in chunk], device=dev)
-            out = dense_decode(model, prompts, gl, block_length, tokens_per_step).tolist()
-            for i, o in zip(chunk, out):
-                preds[i] = o
+            yield chunk, torch.tensor([cases[i]["input"] for i in chunk], device=device), gl
+
+
+def evaluate(
+    model, cases: list[dict], max_batch_tokens: int = 65536, block_length: int = 32, tokens_per_step: int = 1,
+) -> dict:
+    """Dense-decode `cases` -> {"acc", "strict", "n", "preds"}."""
+    eos = model.config.eos_id
+    preds: list = [None] * len(cases)
+    for chunk, prompts, gl in batched(cases, max_batch_tokens, model.device):
+        out = dense_decode(model, prompts, gl, block_length, tokens_per_step).tolist()
+        for i, o in zip(chunk, out):
+            preds[i] = o
     ok = [exact_match(c, p) for c, p in zip(cases, preds)]
     strict = [exact_match(c, p, eos) for c, p in zip(cases, preds)]
     n = max(1, len(cases))
