@@ -28,7 +28,7 @@ def _demo(args) -> int:
         ("fastdllm dual", dict(mode="fastdllm", cache="dual")),
         # gather + SDPA executor: on a CPU a one-off demo would spend its time compiling flex
         ("focus (paper)", dict(mode="focus", focus=FocusConfig.paper(block_size=args.focus_block, backend="torch"))),
-        ("focus + reuse", dict(mode="focus", focus=FocusConfig.fast(block_size=args.focus_block, backend="torch"))),
+        ("focus fast()", dict(mode="focus", focus=FocusConfig.fast(block_size=args.focus_block, backend="torch"))),
     ]
     rows, ref = [], None
     for name, kw in runs:
