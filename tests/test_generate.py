@@ -228,3 +228,25 @@ def test_prefill_pruning_keeping_every_row_is_exact_and_pruning_runs(llada64, dr
         _gen(model, ids, mode="focus", focus=base.with_(prefill_keep=0.5, prefill_layer=3))
     with pytest.raises(ConfigError, match="prefill_keep"):
         FocusConfig(prefill_keep=0.0)
+
+
+@pytest.mark.parametrize("mode", ["fastdllm", "focus"])
+def test_batch_invariance_threshold_rows_finish_at_different_steps(llada64, mode):
+    """Threshold decoding: rows commit different numbers of tokens per step and finish blocks at
+    different steps; each must still equal its prompt run alone (temperature > 0 included)."""
+    cfg = llada64.config
+    lens = [30, 55]
+    prompts = [_prompt(200 + i, n)[0] for i, n in enumerate(lens)]
+    width = max(lens)
+    ids = torch.full((2, width), cfg.pad_id)
+    am = torch.zeros(2, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        am[i, width - len(p):] = 1
+    kw = dict(mode=mode, temperature=0.8, seed=0, threshold=0.02)  # rows need 8 vs 11 steps here
+    if mode == "focus":
+        kw["focus"] = FocusConfig(block_size=16, keep_ratio=0.5, min_blocks=1, num_sinks=2, backend="torch")
+    batch = _gen(llada64, ids, attention_mask=am, **kw)
+    for i, p in enumerate(prompts):
+        alone = _gen(llada64, p[None], **{**kw, "seed": i})
+        assert torch.equal(batch.sequences[i, width:], alone.sequences[0, len(p):]), f"row {i}"

@@ -254,7 +254,10 @@ def generate(
                     stats.row_steps += 1
                     kind = "step"
             logits = model.logits(hsrc).float()  # (B, bl, V): only the current block's rows
-            x0, conf = S.sample_tokens(logits, mask_id, temperature, remasking, gens if needs_gen else None)
+            # threshold / factor: a row whose block is done draws no noise (batch invariance); fixed count
+            # keeps every row in step, so no host sync is needed there
+            draw = cand.any(-1).tolist() if needs_gen and rule[0] != "fixed" and bsz > 1 else None
+            x0, conf = S.sample_tokens(logits, mask_id, temperature, remasking, gens if needs_gen else None, draw)
             if rule[0] == "fixed":
                 k = torch.full((bsz,), st["sched"][t], device=dev)
                 transfer = S.transfer_fixed(conf, cand, k)

@@ -30,20 +30,27 @@ def sample_tokens(
     temperature: float,
     remasking: str,
     generators: list[torch.Generator] | None,
+    draw: list[bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, bl, V) -> tokens x0 (B, bl) and confidence (B, bl) float64.
 
     The mask id can never win (the official samplers let it). temperature > 0 is Gumbel-max in
     float64 with per-row noise `rand((bl, V))`; confidence is the float64 softmax probability of
     x0 under the un-noised logits ("low_confidence") or a per-row uniform draw ("random").
+    `draw[b] = False` skips row b's draws (a row whose block is done keeps its random stream where
+    it would be if it ran alone).
     """
     logits = logits.clone()
     logits[..., mask_id] = NEG
+    draw = [True] * logits.shape[0] if draw is None else draw
+
+    def rand(shape, g, d):
+        if d:
+            return torch.rand(shape, generator=g, dtype=torch.float64, device=logits.device)
+        return torch.full(shape, 0.5, dtype=torch.float64, device=logits.device)
+
     if temperature > 0:
-        noise = torch.stack([
-            torch.rand(logits.shape[1:], generator=g, dtype=torch.float64, device=logits.device)
-            for g in generators
-        ])  # (B, bl, V)
+        noise = torch.stack([rand(logits.shape[1:], g, d) for g, d in zip(generators, draw)])  # (B, bl, V)
         noisy = logits.double().exp() / (-torch.log(noise)) ** temperature
         x0 = noisy.argmax(-1)
     else:
@@ -52,10 +59,7 @@ def sample_tokens(
         p = torch.softmax(logits.double(), -1)
         conf = p.gather(-1, x0[..., None])[..., 0]
     elif remasking == "random":
-        conf = torch.stack([
-            torch.rand(logits.shape[1], generator=g, dtype=torch.float64, device=logits.device)
-            for g in generators
-        ])
+        conf = torch.stack([rand((logits.shape[1],), g, d) for g, d in zip(generators, draw)])
     else:
         raise ValueError(f"remasking={remasking!r}: use 'low_confidence' or 'random'")
     return x0, conf
