@@ -149,7 +149,7 @@ def generate(
         mode: "vanilla" (no cache), "fastdllm" (block KV cache) or "focus" (Focus-dLLM).
         cache: "dual" or "prefix" for fastdllm; focus runs on the dual cache.
         focus: FocusConfig for mode="focus" (default FocusConfig.paper()).
-        mask_id, eos_id, pad_id: override the model config's ids.
+        mask_id, eos_id, pad_id: override the model config's ids (eos_id: stats["non_eos_tokens"]).
         capacity: KV buffer slots (fixed so lengths up to it never recompile the fast path).
         callback: called as callback(step, x, info) after every step; x is (B, L + G).
         progress: show a tqdm bar over steps.
@@ -289,6 +289,8 @@ def generate(
     bar.close()
     out = _user_layout(input_ids, canvas)
     stats_d = _stats(stats, nfe, refreshes, elapsed, bsz * gen_length, times, policy, dev)
+    # Fast-dLLM's speed report counts only non-EOS answer tokens; give both so either can be quoted
+    stats_d["non_eos_tokens"] = int((out[:, input_ids.shape[1]:] != eos_id).sum())
     return GenerateOutput(out, nfe, stats_d)
 
 
