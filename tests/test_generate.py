@@ -22,6 +22,22 @@ def _gen(model, ids, **kw):
     return generate(model, ids, **base)
 
 
+def _assert_rows_equal_alone(model, prompts, kw):
+    """Left-pad `prompts` into one batch; every row must equal its prompt decoded alone (row i alone
+    uses seed i, which is what row i's generator gets in the batch)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), model.config.pad_id)
+    am = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        am[i, width - len(p):] = 1
+    batch = _gen(model, ids, attention_mask=am, **kw)
+    for i, p in enumerate(prompts):
+        alone = _gen(model, p[None], **{**kw, "seed": i})
+        assert torch.equal(batch.sequences[i, width:], alone.sequences[0, len(p):]), f"row {i}"
+        assert torch.equal(batch.sequences[i, :width], ids[i])
+
+
 @given(
     arch=st.sampled_from(["llada", "dream"]), seed=st.integers(0, 10**6), plen=st.integers(3, 90),
     block=st.sampled_from([4, 8]), rule=st.sampled_from(["fixed", "threshold", "factor"]),
@@ -75,23 +91,10 @@ def test_one_step_per_block_cache_equals_vanilla(llada64, dream64, arch):
 @pytest.mark.parametrize("mode", ["vanilla", "fastdllm", "focus"])
 def test_batch_invariance_left_padding(llada64, dream64, arch, mode):
     model = llada64 if arch == "llada" else dream64
-    cfg = model.config
-    lens = [37, 20, 70]
-    prompts = [_prompt(100 + i, n)[0] for i, n in enumerate(lens)]
-    width = max(lens)
-    ids = torch.full((3, width), cfg.pad_id)
-    am = torch.zeros(3, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        am[i, width - len(p):] = 1
     kw = dict(mode=mode, temperature=0.5, seed=0)
     if mode == "focus":
         kw["focus"] = FocusConfig(block_size=16, keep_ratio=0.3, min_blocks=1, num_sinks=2, backend="torch")
-    batch = _gen(model, ids, attention_mask=am, **kw)
-    for i, p in enumerate(prompts):
-        alone = _gen(model, p[None], **{**kw, "seed": i})
-        assert torch.equal(batch.sequences[i, width:], alone.sequences[0, len(p):]), f"row {i}"
-        assert torch.equal(batch.sequences[i, :width], ids[i])
+    _assert_rows_equal_alone(model, [_prompt(100 + i, n)[0] for i, n in enumerate([37, 20, 70])], kw)
 
 
 def test_planted_bug_dropping_response_keys_is_caught(llada64, monkeypatch):
@@ -234,19 +237,7 @@ def test_prefill_pruning_keeping_every_row_is_exact_and_pruning_runs(llada64, dr
 def test_batch_invariance_threshold_rows_finish_at_different_steps(llada64, mode):
     """Threshold decoding: rows commit different numbers of tokens per step and finish blocks at
     different steps; each must still equal its prompt run alone (temperature > 0 included)."""
-    cfg = llada64.config
-    lens = [30, 55]
-    prompts = [_prompt(200 + i, n)[0] for i, n in enumerate(lens)]
-    width = max(lens)
-    ids = torch.full((2, width), cfg.pad_id)
-    am = torch.zeros(2, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        am[i, width - len(p):] = 1
     kw = dict(mode=mode, temperature=0.8, seed=0, threshold=0.02)  # rows need 8 vs 11 steps here
     if mode == "focus":
         kw["focus"] = FocusConfig(block_size=16, keep_ratio=0.5, min_blocks=1, num_sinks=2, backend="torch")
-    batch = _gen(llada64, ids, attention_mask=am, **kw)
-    for i, p in enumerate(prompts):
-        alone = _gen(llada64, p[None], **{**kw, "seed": i})
-        assert torch.equal(batch.sequences[i, width:], alone.sequences[0, len(p):]), f"row {i}"
+    _assert_rows_equal_alone(llada64, [_prompt(200 + i, n)[0] for i, n in enumerate([30, 55])], kw)
