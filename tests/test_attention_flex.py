@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from focusdllm.attention import KeySelection, masked_attention
+from focusdllm.attention import flex as flex_mod
 from focusdllm.attention.backend import sparse_attention
 from focusdllm.attention.flex import (
     FlexFallbackError,
@@ -18,6 +19,7 @@ from focusdllm.attention.flex import (
     compiled_variants,
     flex_available,
     flex_sparse_attention,
+    kv_block_lists,
     run_flex,
 )
 from focusdllm.attention.gather import gather_attention
@@ -62,6 +64,48 @@ def test_flex_equals_gather_equals_dense_fp32(seed, shape, p_block):
     out = flex_sparse_attention(q, k, v, sel)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(out, gather_attention(q, k, v, sel), atol=1e-5, rtol=0)
+
+
+def _partial(q, k, v, keep):
+    """Attention of q over the keys in `keep` (B, 1, S) and its log-sum-exp, in float64."""
+    logits = torch.einsum("bhtd,bhsd->bhts", q.double(), k.double()) / q.shape[-1] ** 0.5
+    logits = logits.masked_fill(~keep[:, :, None, :], float("-inf"))
+    return torch.einsum("bhts,bhsd->bhtd", logits.softmax(-1).nan_to_num(0.0), v.double()), logits.logsumexp(-1)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 4])
+def test_merge_splits_equals_dense(splits):
+    """Log-sum-exp merge of attention over disjoint key subsets == attention over their union (one empty)."""
+    g = torch.Generator().manual_seed(splits)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64) for n in (5, 40, 40))
+    owner = torch.randint(0, splits - 1, (2, 1, 40), generator=g)  # split splits-1 gets no key
+    parts = [_partial(q, k, v, owner == s) for s in range(splits)]
+    out = torch.cat([o for o, _ in parts], 2)  # (B, H, S * T, D)
+    lse = torch.cat([x for _, x in parts], 2)
+    full = flex_mod.merge_splits(out, lse, splits, 5)
+    torch.testing.assert_close(full, _partial(q, k, v, torch.ones(2, 1, 40, dtype=torch.bool))[0])
+    naive = out.unflatten(2, (splits, -1)).mean(2)  # the planted bug: average instead of lse weights
+    assert (naive - full).abs().max() > 1e-2
+
+
+def test_split_kv_needs_lse_on_cpu():
+    q, k, v, sel = make_case(11, *SHAPES[0])
+    with pytest.raises(ValueError, match="splits=1"):
+        flex_sparse_attention(q, k, v, sel, splits=2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), splits=st.integers(1, 5), repeat=st.sampled_from([1, 3]))
+def test_kv_block_lists_deal_round_robin(seed, splits, repeat):
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.rand(2, 2, 13, generator=g) < 0.4
+    counts, ids = kv_block_lists(blocks, splits, repeat)
+    assert counts.shape == (2, 2 * repeat, splits) and ids.shape == (2, 2 * repeat, splits, -(-13 // splits))
+    for b in range(2):
+        for h in range(2 * repeat):
+            kept = torch.nonzero(blocks[b, h // repeat]).flatten().tolist()
+            for s in range(splits):
+                assert ids[b, h, s, : counts[b, h, s]].tolist() == kept[s::splits]
 
 
 @settings(max_examples=6, deadline=None)

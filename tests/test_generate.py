@@ -105,12 +105,12 @@ def test_planted_bug_dropping_response_keys_is_caught(llada64, monkeypatch):
     cfg = FocusConfig(window=BLOCK_WIDE, keep_ratio=1.0, num_sinks=0, block_size=16, backend="torch")
     dual = _gen(llada64, ids, mode="fastdllm")
     assert torch.equal(dual.sequences, _gen(llada64, ids, mode="focus", focus=cfg).sequences)
-    real = F.select_keys
+    real = F.KeySelection
 
-    def broken(scores, n_keep, n_blocks_row, token_keep, valid, block_size, counts=None):
-        return real(scores, n_keep, n_blocks_row, torch.zeros_like(token_keep), valid, block_size)
+    def broken(block_keep, token_keep, valid, block_size, counts=None):
+        return real(block_keep, torch.zeros_like(token_keep), valid, block_size)
 
-    monkeypatch.setattr(F, "select_keys", broken)
+    monkeypatch.setattr(F, "KeySelection", broken)
     diffs = sum(
         not torch.equal(_gen(llada64, _prompt(s, 60), mode="fastdllm").sequences,
                         _gen(llada64, _prompt(s, 60), mode="focus", focus=cfg).sequences)

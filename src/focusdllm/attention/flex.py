@@ -19,16 +19,17 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
-from torch.nn.attention.flex_attention import BlockMask, FlexKernelOptions, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, FlexKernelOptions, flex_attention
 
+from ..compiled import CompileFallbackError, compiled_on_cuda, run_checked
 from .selection import KeySelection
 
-Q_BLOCK = 128  # one Q tile covers up to 128 (packed) query rows; Q itself is never padded
+Q_BLOCK = 128  # one Q tile covers up to 128 (packed) query rows (split-KV pads Q to a multiple of 16)
 
 
-class FlexFallbackError(RuntimeError):
-    """The compiled FlexAttention call did not run compiled (it would have run eagerly, or failed)."""
+FlexFallbackError = CompileFallbackError  # the compiled flex call would have run eagerly
 
 
 def flex_available(device: torch.device | str) -> tuple[bool, str]:
@@ -72,15 +73,45 @@ def selection_mask_mod(sel: KeySelection, heads: int) -> Callable:
     return mask_mod
 
 
-def _packed_indices(blocks: torch.Tensor, n_rows: int, repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, Hs, NB) bool -> counts (B, H, R) int32, ascending block ids (B, H, R, NB) int32 (kept first)."""
+def kv_block_lists(blocks: torch.Tensor, splits: int, repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept block ids, ascending, dealt round-robin to `splits` Q-tile rows (the split-KV schedule).
+
+    Args:
+        blocks: (B, Hs, NB) bool; splits: S; repeat: mask heads per selection head (unpacked GQA).
+    Returns:
+        counts (B, H, S) int32 and ids (B, H, S, ceil(NB / S)) int32; split s holds the kept blocks of
+        rank s, s + S, s + 2S, ... (a cumsum and a scatter, no sort).
+    """
+    b, hs, nb = blocks.shape
+    width = -(-nb // splits)
     counts = blocks.sum(-1, dtype=torch.int32)  # (B, Hs)
-    order = torch.argsort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32)
+    slot = blocks.cumsum(-1) - 1  # (B, Hs, NB): rank of each kept block
+    dst = torch.where(blocks, slot, width * splits)  # dropped blocks land in the spare slot
+    src = torch.arange(nb, device=blocks.device, dtype=torch.int32).expand(b, hs, nb)
+    ids = torch.zeros(b, hs, width * splits + 1, dtype=torch.int32, device=blocks.device)
+    ids = ids.scatter_(-1, dst, src)[..., : width * splits]
+    ids = rearrange(ids, "b h (w s) -> b h s w", s=splits)  # rank r -> split r % S, column r // S
+    split = torch.arange(splits, device=blocks.device, dtype=torch.int32)
+    counts = ((counts[..., None] - split + splits - 1) // splits).clamp(min=0)  # (B, Hs, S)
     if repeat > 1:  # per-KV-head selection, unpacked GQA: mask heads are query heads
-        counts, order = counts.repeat_interleave(repeat, 1), order.repeat_interleave(repeat, 1)
-    counts = counts[:, :, None].expand(-1, -1, n_rows).contiguous()  # (B, H, R)
-    order = order[:, :, None, :].expand(-1, -1, n_rows, -1).contiguous()  # (B, H, R, NB)
-    return counts, order
+        counts, ids = counts.repeat_interleave(repeat, 1), ids.repeat_interleave(repeat, 1)
+    return counts.contiguous(), ids.contiguous()
+
+
+def block_lists(
+    block_keep: torch.Tensor, vc: torch.Tensor, tc: torch.Tensor, bs: int, splits: int, repeat: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(partial counts, partial ids, full counts, full ids) of a selection, see `kv_block_lists`.
+
+    A kept block whose every slot is valid, or a block whose every slot is token-kept, is FULL (no
+    mask_mod); any other block with some kept key is PARTIAL (mask_mod decides per token).
+    """
+    full = (block_keep & (vc == bs)) | (tc == bs)
+    partial = ((block_keep & (vc > 0)) | (tc > 0)) & ~full
+    shape = block_keep.shape
+    part = kv_block_lists(partial.expand(shape), splits, repeat)
+    full = kv_block_lists(full.expand(shape), splits, repeat)  # distinct tensors (CPU codegen bug)
+    return (*part, *full)
 
 
 def build_block_mask(
@@ -89,75 +120,62 @@ def build_block_mask(
     heads: int,
     q_block: int = Q_BLOCK,
     mask_mod: Callable | None = None,
+    splits: int = 1,
 ) -> BlockMask:
     """BlockMask for `sel` over the full KV capacity, built from indices (no dense mask).
 
     Args:
         sel: selection with Hs in {1, Hkv}; Cap = sel.valid.shape[-1].
-        q_len: query rows of the flex call (T, or G*T when GQA is packed).
+        q_len: query rows of the flex call (T, or G*T when GQA is packed); with splits > 1, the rows of
+            ONE split, a multiple of q_block (the call's query is the S splits stacked).
         heads: query heads of the flex call; the mask has H = 1 (shared set), Hs, or `heads`.
         q_block: Q tile of the mask.
         mask_mod: override of the token-level mask (tests only); default `selection_mask_mod`.
+        splits: S > 1 deals the kept blocks round-robin to S stacked copies of the queries (split-KV).
     """
     b, hs, nb = sel.block_keep.shape
     bs = sel.block_size
-    cap = nb * bs
-    vc, tc = sel.block_counts()  # (B, 1, NB), (B, 1|Hs, NB): block-level, no (B, Hs, Cap) pass
-    full = (sel.block_keep & (vc == bs)) | (tc == bs)  # every key of the block attended -> no mask_mod
-    partial = ((sel.block_keep & (vc > 0)) | (tc > 0)) & ~full  # some keys: mask_mod decides per token
-    full, partial = full.expand(b, hs, nb), partial.expand(b, hs, nb)
     rows = -(-q_len // q_block)
+    if splits > 1 and q_len % q_block:
+        raise ValueError(f"split-KV needs q_len ({q_len}) to be a multiple of q_block ({q_block})")
     repeat = heads // hs if hs > 1 else 1
-    part_num, part_idx = _packed_indices(partial, rows, repeat)
-    full_num, full_idx = _packed_indices(full, rows, repeat)  # distinct tensors (CPU codegen bug)
+    vc, tc = sel.block_counts()  # (B, 1, NB), (B, 1|Hs, NB): block-level, no (B, Hs, Cap) pass
+    lists = _block_lists_fn(sel.block_keep.device)(sel.block_keep, vc, tc, bs, splits, repeat)
+    # (B, H, S[, W]) -> (B, H, S * rows[, W]): the Q tiles of split s all read split s's blocks
+    lists = [x.repeat_interleave(rows, 2) if rows > 1 else x for x in lists]
     return BlockMask.from_kv_blocks(
-        part_num,
-        part_idx,
-        full_num,
-        full_idx,
+        *lists,
         BLOCK_SIZE=(q_block, bs),
         mask_mod=mask_mod if mask_mod is not None else selection_mask_mod(sel, heads),
-        seq_lengths=(q_len, cap),
+        seq_lengths=(q_len * splits, nb * bs),
         compute_q_blocks=False,
     )
 
 
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def kernel_options(
-    device: torch.device, head_dim: int, block_size: int, q_len: int, group: int, mask_heads: int
-) -> FlexKernelOptions | None:
+def kernel_options(device: torch.device, block_size: int, q_len: int) -> FlexKernelOptions | None:
     """GPU kernel options for one flex call (None on CPU).
 
-    Args:
-        head_dim: D; block_size: KV block of the mask; q_len: query rows of the call;
-        group: Hq // Hkv of the call (1 when packed); mask_heads: H of the BlockMask.
+    Short queries (<= 128 rows) use the main Triton kernel with 16-row Q tiles: on an H100 at 32K keys,
+    10% kept, 32 queries (bench/results/probe_flex_h100.json) it took 82 us against 109 us with its default
+    tile and 157 us for the flex-decoding kernel. Split-KV parallelism comes from `splits` instead.
     """
     if device.type != "cuda":
         return None
-    opts: dict = {}
-    # Main kernel needs KV_BLOCK % BLOCK_N == 0; H100 default BLOCK_N: 64 (d=128, fp32), 128 (bf16 d=64).
-    if block_size < 128:
+    opts: dict = {"BACKEND": "TRITON"} if "BACKEND" in FlexKernelOptions.__annotations__ else {}
+    if block_size < 128:  # the kernel needs KV_BLOCK % BLOCK_N == 0
         opts["BLOCK_N"] = block_size
-    # The flex-decoding kernel (Q < 128, mask H == 1 under GQA, pow2 group) picks
-    # BLOCK_M = max(16, next_pow2(Q * G)), which must divide the Q block: NoValidChoicesError otherwise.
-    decode = q_len < Q_BLOCK and _is_pow2(group) and (group == 1 or mask_heads == 1)
-    if decode and group > 1 and max(16, 1 << (q_len * group - 1).bit_length()) > Q_BLOCK:
-        if "BACKEND" in FlexKernelOptions.__annotations__:
-            opts["BACKEND"] = "TRITON"  # the main kernel
-        else:
-            opts["FORCE_USE_FLEX_ATTENTION"] = True
-    del head_dim  # defaults per head_dim are fine with a 128 Q block (BLOCK_M 128 or 32)
+    if q_len <= Q_BLOCK:
+        opts["BLOCK_M"] = 16
     return opts or None
 
 
-def _flex_call(q, k, v, block_mask, scale, enable_gqa, kernel_options):
+def _flex_call(q, k, v, block_mask, scale, enable_gqa, kernel_options, lse):
     out = flex_attention(
-        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options,
+        return_aux=AuxRequest(lse=True) if lse else None,
     )
-    return out, torch.compiler.is_compiling()  # constant True in the compiled graph, False when eager
+    out, aux = out if lse else (out, None)
+    return out, None if aux is None else aux.lse, torch.compiler.is_compiling()  # True only when compiled
 
 
 @functools.cache
@@ -165,12 +183,9 @@ def _compiled_flex() -> Callable:
     return torch.compile(_flex_call, fullgraph=True, dynamic=False)
 
 
-_FIX = (
-    "Keep shapes fixed: a fixed KV capacity, the same head counts, dtype and block size per process "
-    "(call torch._dynamo.reset() when they change), or raise torch._dynamo.config.recompile_limit; "
-    "do not run under torch.compiler.set_stance('force_eager') or TORCHDYNAMO_DISABLE=1. "
-    "Use backend='torch' (gather + SDPA) where compiled flex is not wanted."
-)
+def _block_lists_fn(device: torch.device) -> Callable:
+    """`block_lists`, compiled into a few fused kernels on CUDA (eagerly it is ~20 launches per layer)."""
+    return compiled_on_cuda(block_lists)
 
 
 def compiled_variants() -> int:
@@ -189,28 +204,43 @@ def run_flex(
     scale: float | None = None,
     kernel_options: FlexKernelOptions | None = None,
     compiled: bool = True,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """One flex_attention call; compiled by default, refusing any silent eager fallback.
 
     Args:
         q: (B, Hq, L, D); k, v: (B, Hkv, S, D); block_mask over (L, S).
         compiled: False runs the eager (unfused, O(L * S) memory) path on purpose.
+        return_lse: also return the log-sum-exp of each query row (B, Hq, L), natural log.
     """
     gqa = q.shape[1] != k.shape[1]
     if not compiled:
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
-    from torch._dynamo.exc import FailOnRecompileLimitHit
+        out, lse, _ = _flex_call(q, k, v, block_mask, scale, gqa, None, return_lse)
+    else:
+        out, lse = run_checked(_compiled_flex(), q, k, v, block_mask, scale, gqa, kernel_options, return_lse)
+    return (out, lse) if return_lse else out
 
-    try:
-        out, ran_compiled = _compiled_flex()(q, k, v, block_mask, scale, gqa, kernel_options)
-    except FailOnRecompileLimitHit as e:
-        raise FlexFallbackError(
-            f"compiled flex_attention hit torch._dynamo recompile_limit "
-            f"({torch._dynamo.config.recompile_limit}); it would fall back to eager. {_FIX}"
-        ) from e
-    if not ran_compiled:
-        raise FlexFallbackError(f"flex_attention ran eagerly instead of compiled. {_FIX}")
-    return out
+
+def default_splits(device: torch.device, batch: int, heads: int, q_len: int) -> int:
+    """Split-KV factor: enough 16-row Q tiles to fill the GPU twice over (1 on CPU and for long queries)."""
+    if device.type != "cuda" or q_len > Q_BLOCK:
+        return 1
+    tiles = batch * heads * -(-q_len // 16)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(8, round(2 * sms / tiles)))
+
+
+def merge_splits(out: torch.Tensor, lse: torch.Tensor, splits: int, q_len: int) -> torch.Tensor:
+    """Combine per-split partial attention by their log-sum-exp (split-KV reduction).
+
+    Args:
+        out: (B, H, S * Lp, D) partial outputs; lse: (B, H, S * Lp); q_len: real rows L <= Lp.
+    Returns:
+        (B, H, L, D) in out's dtype; a split that kept no key has lse = -inf and weight 0.
+    """
+    o = rearrange(out, "b h (s t) d -> b h s t d", s=splits)[..., :q_len, :]  # (B, H, S, L, D)
+    w = torch.softmax(rearrange(lse, "b h (s t) -> b h s t", s=splits)[..., :q_len].float(), dim=2)
+    return torch.einsum("bhstd,bhst->bhtd", o.float(), w).to(out.dtype)
 
 
 def flex_sparse_attention(
@@ -222,6 +252,7 @@ def flex_sparse_attention(
     scale: float | None = None,
     pack_gqa: bool | None = None,
     compiled: bool = True,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Attention over the selected keys with compiled FlexAttention.
 
@@ -231,6 +262,9 @@ def flex_sparse_attention(
         pack_gqa: view q as (B, Hkv, G*T, D) so K/V are read once per KV head; default on CPU when
             G*T <= 128, off on CUDA (measured slower on H100).
         compiled: False runs eager flex (tests; correct because mask_mod carries the full semantics).
+        splits: split-KV factor S (default `default_splits`: 1 on CPU). With S > 1 the queries are
+            stacked S times, Q tile s attends to every S-th kept block, and the partial results are merged
+            by log-sum-exp: S times more thread blocks for a few queries over a long, sparse cache.
     Returns:
         (B, Hq, T, D), equal to `masked_attention(q, k, v, sel.dense_mask())`.
     """
@@ -246,12 +280,23 @@ def flex_sparse_attention(
     g = hq // hkv
     if pack_gqa is None:  # H100 (torch 2.11): packed Dream q16 (112 rows, decode kernel) ran 2-5x slower
         pack_gqa = q.device.type == "cpu" and g > 1 and g * t <= Q_BLOCK
-    if g > 1 and pack_gqa:
-        qp = rearrange(q, "b (h g) t d -> b h (g t) d", h=hkv)  # (B, Hkv, G*T, D)
-        mask = build_block_mask(sel, g * t, hkv)
-        opts = kernel_options(q.device, d, sel.block_size, g * t, 1, mask.kv_num_blocks.shape[1])
-        out = run_flex(qp, k, v, mask, scale=scale, kernel_options=opts, compiled=compiled)
-        return rearrange(out, "b h (g t) d -> b (h g) t d", t=t)  # (B, Hq, T, D)
-    mask = build_block_mask(sel, t, hq)
-    opts = kernel_options(q.device, d, sel.block_size, t, g, mask.kv_num_blocks.shape[1])
-    return run_flex(q, k, v, mask, scale=scale, kernel_options=opts, compiled=compiled)
+    packed = g > 1 and pack_gqa
+    qx = rearrange(q, "b (h g) t d -> b h (g t) d", h=hkv) if packed else q  # (B, Hc, L, D)
+    heads, rows = qx.shape[1], qx.shape[2]
+    s = default_splits(q.device, b, heads, rows) if splits is None else splits
+    if s > 1 and rows > Q_BLOCK:
+        raise ValueError(f"split-KV is for short queries: {rows} rows > {Q_BLOCK}; pass splits=1")
+    if s > 1 and compiled and q.device.type != "cuda":
+        raise ValueError("split-KV needs the log-sum-exp, which compiled CPU flex does not return; pass splits=1")
+    if s == 1:
+        mask = build_block_mask(sel, rows, heads)
+        opts = kernel_options(q.device, sel.block_size, rows)
+        out = run_flex(qx, k, v, mask, scale=scale, kernel_options=opts, compiled=compiled)
+    else:
+        tile = -(-rows // 16) * 16  # one Q tile per split
+        qs = F.pad(qx, (0, 0, 0, tile - rows)).repeat(1, 1, s, 1)  # (B, Hc, S * tile, D)
+        mask = build_block_mask(sel, tile, heads, q_block=tile, splits=s)
+        opts = kernel_options(q.device, sel.block_size, tile)
+        out, lse = run_flex(qs, k, v, mask, scale=scale, kernel_options=opts, compiled=compiled, return_lse=True)
+        out = merge_splits(out, lse, s, rows)  # (B, Hc, L, D)
+    return rearrange(out, "b h (g t) d -> b (h g) t d", t=t) if packed else out  # (B, Hq, T, D)

@@ -13,11 +13,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..attention.backend import sparse_attention
-from ..attention.selection import block_counts
+from ..attention.selection import KeySelection, block_counts
 from ..cache import KVCache
+from ..compiled import compiled_on_cuda
 from ..focus.indicator import StepRows
 from ..focus.prefill import kept_rows
-from ..focus.selection import block_bounds, block_representatives, block_scores, select_keys
+from ..focus.selection import block_bounds, block_representatives, pick_blocks
 from ..focus.sinks import sink_scores, top_sinks
 from ..models.transformer import DiffusionLM, dense_attention
 
@@ -148,7 +149,7 @@ def row_forward(
                 token_keep = plan.response
                 if plan.num_sinks > 0:
                     p = plan.n_blocks_host * plan.block_size
-                    s = sink_scores(q, cache.k[i, :, :, :p], rows.active, canvas.prompt_len)
+                    s = compiled_on_cuda(sink_scores)(q, cache.k[i, :, :, :p], rows.active, canvas.prompt_len)
                     sinks = top_sinks(s, plan.num_sinks, canvas.prompt_len)  # (B, p)
                     token_keep = token_keep.clone()
                     token_keep[:, :p] |= sinks
@@ -157,10 +158,12 @@ def row_forward(
                 token_keep = token_keep[:, None, :]  # (B, 1, Cap)
                 counts = block_counts(token_keep, canvas.valid, plan.block_size)  # once per step
         else:
-            scores = block_scores(q, rows.focus, cache.block_rep[i], plan.per_head)
-            sel = select_keys(
-                scores, plan.n_keep, plan.n_blocks_row, token_keep, canvas.valid, plan.block_size, counts
-            )
+            nb = canvas.valid.shape[1] // plan.block_size
+            block_keep = compiled_on_cuda(pick_blocks)(
+                q, rows.focus, cache.block_rep[i], plan.per_head, plan.n_keep, plan.n_blocks_row, nb
+            )  # (B, Hs, NB): one fused kernel chain on CUDA
+            sel = KeySelection(block_keep, token_keep.expand(-1, block_keep.shape[1], -1), canvas.valid,
+                               plan.block_size, counts)
             o = sparse_attention(q, cache.k[i], cache.v[i], sel, plan.backend, max_keys=plan.max_keys)
             density[i] = sel.density().mean()
             if plan.record:

@@ -73,6 +73,19 @@ def block_scores(q: torch.Tensor, focus: torch.Tensor, rep, per_head: bool) -> t
     return s if per_head else reduce(s, "b h n -> b 1 n", "max")
 
 
+def top_blocks(scores: torch.Tensor, n_keep: torch.Tensor, n_blocks_row: torch.Tensor, nb: int) -> torch.Tensor:
+    """Stable top-K of each row's real prompt blocks: (B, Hs, NBp) scores -> (B, Hs, NB) bool block_keep."""
+    b, hs, nbp = scores.shape
+    real = torch.arange(nbp, device=scores.device)[None, None, :] < n_blocks_row[:, None, None]
+    keep = (stable_rank(scores.masked_fill(~real, NEG)) < n_keep[:, None, None]) & real  # (B, Hs, NBp)
+    return torch.cat([keep, keep.new_zeros(b, hs, nb - nbp)], -1)
+
+
+def pick_blocks(q, focus, rep, per_head: bool, n_keep, n_blocks_row, nb: int) -> torch.Tensor:
+    """`block_scores` then `top_blocks`: one sparse layer's kept prompt blocks (B, Hs, NB) bool."""
+    return top_blocks(block_scores(q, focus, rep, per_head), n_keep, n_blocks_row, nb)
+
+
 def select_keys(
     scores: torch.Tensor,
     n_keep: torch.Tensor,
@@ -89,11 +102,5 @@ def select_keys(
             blocks per row; token_keep: (B, 1, Cap) bool; valid: (B, Cap) bool; counts: the step's
             per-block (valid, token-kept) counts, see `KeySelection.block_counts`.
     """
-    b, hs, nbp = scores.shape
-    nb = valid.shape[1] // block_size
-    real = torch.arange(nbp, device=scores.device)[None, None, :] < n_blocks_row[:, None, None]
-    scores = scores.masked_fill(~real, NEG)
-    keep = (stable_rank(scores) < n_keep[:, None, None]) & real  # (B, Hs, NBp)
-    block_keep = torch.zeros(b, hs, nb, dtype=torch.bool, device=scores.device)
-    block_keep[:, :, :nbp] = keep
-    return KeySelection(block_keep, token_keep.expand(b, hs, -1), valid, block_size, counts)
+    block_keep = top_blocks(scores, n_keep, n_blocks_row, valid.shape[1] // block_size)
+    return KeySelection(block_keep, token_keep.expand(-1, scores.shape[1], -1), valid, block_size, counts)

@@ -29,7 +29,8 @@ def sink_scores(q: torch.Tensor, k_prompt: torch.Tensor, active: torch.Tensor, p
     b, hq, t, d = q.shape
     hkv, p = k_prompt.shape[1], k_prompt.shape[2]
     qg = rearrange(q, "b (h g) t d -> b h (g t) d", h=hkv)  # (B, Hkv, G*T, D)
-    logits = torch.einsum("bhqd,bhkd->bhqk", qg.float(), k_prompt.float()) / math.sqrt(d)
+    # q . k in the cache dtype (fp32 accumulation; no fp32 copy of the whole prompt's keys), softmax in fp32
+    logits = torch.einsum("bhqd,bhkd->bhqk", qg, k_prompt).float() / math.sqrt(d)
     in_prompt = torch.arange(p, device=q.device)[None, :] < prompt_len[:, None]  # (B, P)
     logits = logits.masked_fill(~in_prompt[:, None, None, :], NEG)
     probs = torch.softmax(logits, -1)  # (B, Hkv, G*T, P)
