@@ -68,7 +68,11 @@ def mode_kwargs(name: str) -> dict | None:
     if name == "focus-lossless":
         return {"mode": "focus", "cache": "dual", "focus": FocusConfig.lossless()}
     if name == "focus+reuse+slim":
-        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_keep=0.5)}
+        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_keep=0.25)}
+    if name == "focus+reuse+sparse":
+        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_sparse=0.1)}
+    if name == "focus+reuse+slim+sparse":
+        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_keep=0.25, prefill_sparse=0.1)}
     if name == "focus+reuse":
         if not _has_reuse() or not hasattr(FocusConfig, "fast"):
             return None
@@ -77,7 +81,7 @@ def mode_kwargs(name: str) -> dict | None:
 
 
 ALL_MODES = ("vanilla", "fastdllm-dual", "fastdllm-prefix", "focus", "focus+reuse", "focus+reuse+slim",
-             "focus-lossless")
+             "focus+reuse+sparse", "focus+reuse+slim+sparse", "focus-lossless")
 
 
 def default_modes() -> list[str]:

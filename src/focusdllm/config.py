@@ -135,6 +135,11 @@ class FocusConfig:
             computing only this fraction of prompt rows (by response attention); the rest keep their
             hidden state and only get K/V projections. 1.0 = off.
         prefill_layer: the layer that scores the prompt rows; None = sink_layer.
+        prefill_sparse: beyond the paper: after `prefill_layer`, each 128-row block of prompt queries
+            in a prefill attends only to this fraction of prompt key blocks (top by mean query . mean
+            key), its own neighbourhood (+- `prefill_band` blocks), the sinks and every response key;
+            blocks holding response rows stay dense. 1.0 = off.
+        prefill_band: key blocks kept on either side of a query block's own rows.
     """
 
     window: int = 3
@@ -152,6 +157,8 @@ class FocusConfig:
     prompt_refresh_every: int = 0
     prefill_keep: float = 1.0
     prefill_layer: int | None = None
+    prefill_sparse: float = 1.0
+    prefill_band: int = 1
 
     def __post_init__(self):
         if self.window < 1 or self.window % 2 == 0:
@@ -176,6 +183,10 @@ class FocusConfig:
             raise ConfigError(f"prompt_refresh_every={self.prompt_refresh_every} must be >= 0 (0 = never)")
         if not (0.0 < self.prefill_keep <= 1.0):
             raise ConfigError(f"prefill_keep={self.prefill_keep} must be in (0, 1] (1 = no pruning)")
+        if not (0.0 < self.prefill_sparse <= 1.0):
+            raise ConfigError(f"prefill_sparse={self.prefill_sparse} must be in (0, 1] (1 = dense prefill)")
+        if self.prefill_band < 0:
+            raise ConfigError(f"prefill_band={self.prefill_band} must be >= 0")
         if self.prefill_layer is not None and self.prefill_layer < 0:
             raise ConfigError(f"prefill_layer={self.prefill_layer} must be >= 0 (or None for sink_layer)")
         if self.block_score not in ("mean", "bound"):

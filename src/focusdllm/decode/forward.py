@@ -17,9 +17,10 @@ from ..attention.selection import KeySelection, block_counts
 from ..cache import KVCache
 from ..compiled import compiled_on_cuda
 from ..focus.indicator import StepRows
-from ..focus.prefill import kept_rows
+from ..focus.prefill import kept_rows, response_importance
 from ..focus.selection import block_bounds, block_representatives, pick_blocks
 from ..focus.sinks import sink_scores, top_sinks
+from ..focus.sparse_prefill import query_block_keep, sparse_prefill_attention
 from ..models.transformer import DiffusionLM, dense_attention
 
 
@@ -75,6 +76,9 @@ class SparsePlan:
     backend: str
     prefill_keep: float  # fraction of prompt rows the refresh keeps computing after prefill_layer
     prefill_layer: int
+    prefill_sparse: float  # fraction of prompt key blocks a prompt query block attends to after prefill_layer
+    prefill_band: int  # key blocks kept either side of a query block's own rows
+    n_keep_prefill: torch.Tensor  # (B,) top-scored prompt key blocks per query block
     block_score: str  # "mean" (paper: mean-pooled key) or "bound" (channel-wise min/max bound)
     max_keys: int  # static bound on kept keys per row (keeps the gather backend sync-free)
     record: bool = False  # keep the step's sinks / kept blocks for callbacks
@@ -92,30 +96,51 @@ class StepStats:
 
 
 def full_forward(model: DiffusionLM, canvas: Canvas, cache: KVCache | None, rep_plan: SparsePlan | None):
-    """Dense forward over the whole canvas (vanilla step or cache refresh). Returns (B, L, C)."""
+    """Dense forward over the whole canvas (vanilla step or cache refresh). Returns (B, L, C).
+
+    With a Focus plan, layers after `prefill_layer` may compute only the kept prompt rows
+    (`prefill_keep`, focus/prefill.py) and attend block-sparsely (`prefill_sparse`, focus/sparse_prefill.py).
+    """
     b, n = canvas.x.shape
     pos = torch.arange(n, device=canvas.x.device).expand(b, -1)
     cos, sin = model.rope.cos_sin(pos, model.dtype)
     valid = canvas.kv_valid(n)
     h = model.embed(canvas.x)
-    prune = rep_plan is not None and rep_plan.prefill_keep < 1.0
+    plan = rep_plan
+    prune = plan is not None and plan.prefill_keep < 1.0
+    sparse = plan is not None and cache is not None and plan.prefill_sparse < 1.0
     keep = None  # (B, N) rows still computed after the prune layer (focus/prefill.py)
+    token_keep = None  # (B, Cap) sinks + response keys of the sparse prefill
     for i, blk in enumerate(model.blocks):
         q, k, v = blk.qkv(h, model.rope, cos, sin)
         if cache is not None:
             cache.write_prefix(i, k, v)
-            if rep_plan is not None and i > rep_plan.sink_layer:
-                rep = block_bounds if rep_plan.block_score == "bound" else block_representatives
-                cache.block_rep[i] = rep(cache.k[i], canvas.prompt_len, rep_plan.block_size, rep_plan.n_blocks_host)
+            if plan is not None and i > plan.sink_layer:
+                rep = block_bounds if plan.block_score == "bound" else block_representatives
+                cache.block_rep[i] = rep(cache.k[i], canvas.prompt_len, plan.block_size, plan.n_blocks_host)
+        qx = q if keep is None else q.gather(2, keep[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        if token_keep is not None:  # block-sparse prompt queries against the cache
+            rows = pos if keep is None else keep
+            bk = query_block_keep(qx, cache.k[i], rows, canvas.prompt_len, plan.n_keep_prefill, plan.prefill_band,
+                                  plan.block_size, plan.n_blocks_host, canvas.valid.shape[1])
+            o = sparse_prefill_attention(qx, cache.k[i], cache.v[i], bk, token_keep, canvas.valid,
+                                         plan.block_size, plan.backend)
+        else:
+            o = dense_attention(qx, k, v, valid)
         if keep is None:
-            h = blk.finish(h, dense_attention(q, k, v, valid))
+            h = blk.finish(h, o)
         else:  # pruned prompt rows: K/V from their frozen hidden state, no attention or MLP
-            qk = q.gather(2, keep[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
             idx = keep[..., None].expand(-1, -1, h.shape[-1])  # (B, N, C)
-            h = h.scatter(1, idx, blk.finish(h.gather(1, idx), dense_attention(qk, k, v, valid)))
-        if prune and i == rep_plan.prefill_layer:
-            keep = kept_rows(q, k, canvas.prompt_len, canvas.row_len, canvas.gen_length, rep_plan.prefill_keep,
-                             canvas.prompt_host)
+            h = h.scatter(1, idx, blk.finish(h.gather(1, idx), o))
+        if (prune or sparse) and i == plan.prefill_layer:
+            imp = response_importance(q, k, canvas.prompt_len, canvas.gen_length, canvas.prompt_host)
+            if prune:
+                keep = kept_rows(imp, canvas.prompt_len, canvas.row_len, n, canvas.gen_length, plan.prefill_keep,
+                                 canvas.prompt_host)
+            if sparse:
+                token_keep = plan.response.clone()
+                if plan.num_sinks > 0:
+                    token_keep[:, : imp.shape[1]] |= top_sinks(imp, plan.num_sinks, canvas.prompt_len)
     return h
 
 

@@ -6,6 +6,7 @@ when the cache is refreshed (DESIGN.md, "The one decode loop"). Semantics: refer
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -318,6 +319,10 @@ def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dtype, recor
         prefill_keep=focus.prefill_keep,
         prefill_layer=focus.resolve_sink_layer(n_layers) if focus.prefill_layer is None else focus.prefill_layer,
         max_keys=max(keep_host) * bs + focus.num_sinks + canvas.gen_length,
+        prefill_sparse=focus.prefill_sparse, prefill_band=focus.prefill_band,
+        n_keep_prefill=torch.tensor(
+            [max(1, math.ceil(focus.prefill_sparse * int(n) - 1e-9)) for n in nb_row.tolist()], device=dev
+        ),
     )
 
 
