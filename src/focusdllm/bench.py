@@ -34,6 +34,7 @@ from .bench_env import (  # noqa: F401
     _timed_metrics,
     add_ratios,
     commit_info,
+    copy_bandwidth_gbs,
     free_memory,
     gpu_slug,
     machine_info,
@@ -41,6 +42,7 @@ from .bench_env import (  # noqa: F401
     random_prompt,
     reset_peak,
     run_steps,
+    step_floor_ms,
     sync,
     write_report,
 )
@@ -265,6 +267,9 @@ def main(argv=None) -> int:
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     log(f"loaded: {cfg.n_layers} layers, d_model {cfg.d_model}, {weights_gib:.2f} GiB of weights")
     common = {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps}
+    bw = copy_bandwidth_gbs(dev)
+    if bw is not None:
+        log(f"measured copy bandwidth {bw:.0f} GB/s (byte floor of a step = its bytes / this)")
     report = {
         "schema": SCHEMA,
         "machine_info": machine_info(dev),
@@ -281,6 +286,7 @@ def main(argv=None) -> int:
             "torch_threads": torch.get_num_threads(), "vanilla_steps": args.vanilla_steps,
             "vanilla_full_max_context": args.vanilla_full_max_context,
             "unavailable_modes": [m for m in modes if mode_kwargs(m) is None],
+            "copy_bandwidth_gbs": bw,
         },
         "command": " ".join([sys.executable, "-m", "focusdllm.bench", *(argv if argv is not None else sys.argv[1:])]),
         "benchmarks": [],
@@ -321,6 +327,9 @@ def main(argv=None) -> int:
                 del e, err
             else:
                 extra["oom"] = False
+                if bw is not None and extra.get("ms_per_step"):
+                    extra.update(step_floor_ms(model, ctx + args.gen_length, extra.get("density_per_layer"), bw))
+                    extra["step_over_floor"] = extra["ms_per_step"] / extra["step_floor_ms"]
                 log(f"ctx={ctx} {name}: " + _summary(extra))
             free_memory(dev)
             entries.append(_entry(name, ctx, args, kw, extra))
@@ -377,7 +386,7 @@ def _summary(x: dict) -> str:
         f"{f('tokens_per_s', '.2f')} tok/s{' (extrapolated)' if x.get('extrapolated') else ''}, "
         f"NFE {x.get('nfe')}, refresh {f('ms_per_refresh', '.1f')} ms, step {f('ms_per_step', '.2f')} ms, "
         f"full {f('ms_per_full', '.1f')} ms, peak {f('peak_memory_gib', '.2f')} GiB, "
-        f"density {f('density_sparse_layers', '.3f')}"
+        f"density {f('density_sparse_layers', '.3f')}, step floor {f('step_floor_ms', '.2f')} ms"
     )
 
 

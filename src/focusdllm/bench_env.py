@@ -243,3 +243,35 @@ def write_report(path: Path, report: dict) -> None:
     tmp.write_text(json.dumps(report, indent=1, default=str))
     tmp.replace(path)
 
+
+
+# ---------------------------------------------------------------------------------------- byte floor
+
+
+def copy_bandwidth_gbs(dev: torch.device, n_bytes: int = 2 << 30, reps: int = 10) -> float | None:
+    """Measured device-to-device copy bandwidth (read + write bytes / s, in GB/s); None off CUDA."""
+    if dev.type != "cuda":
+        return None
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    gbs = 2 * n_bytes * reps / (start.elapsed_time(end) / 1e3) / 1e9
+    del src, dst
+    return gbs
+
+
+def step_floor_ms(model, n_keys: int, density_per_layer: list | None, bw_gbs: float) -> dict:
+    """Byte floor of one in-block step: every weight but the input embedding (the LM head is read) plus the
+    K/V bytes the step must read (all keys in dense layers, `density` of them in sparse ones) / bandwidth."""
+    cfg = model.config
+    w = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed."))
+    per_layer = 2 * n_keys * cfg.n_kv_heads * (cfg.d_model // cfg.n_heads) * model.dtype.itemsize
+    dens = density_per_layer or [None] * cfg.n_layers
+    kv = sum(per_layer * (1.0 if d is None else d) for d in dens)
+    return {"floor_weight_gb": w / 1e9, "floor_kv_gb": kv / 1e9, "step_floor_ms": (w + kv) / (bw_gbs * 1e9) * 1e3}
