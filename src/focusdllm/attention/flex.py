@@ -169,13 +169,21 @@ def kernel_options(device: torch.device, block_size: int, q_len: int) -> FlexKer
     return opts or None
 
 
-def _flex_call(q, k, v, block_mask, scale, enable_gqa, kernel_options, lse):
-    out = flex_attention(
-        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options,
-        return_aux=AuxRequest(lse=True) if lse else None,
+def _flex_call(q, k, v, block_mask, scale, enable_gqa, kernel_options, splits: int):
+    """flex_attention; with splits > 1, q (B, H, L, D) is padded to a 16-row tile, stacked `splits` times, and
+    the partial results merged by log-sum-exp, all inside one compiled graph (pad, kernel, merge fuse)."""
+    if splits == 1:
+        out = flex_attention(
+            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options
+        )
+        return out, torch.compiler.is_compiling()  # True only when compiled
+    rows = q.shape[2]
+    qs = F.pad(q, (0, 0, 0, -rows % 16)).repeat(1, 1, splits, 1)  # (B, H, S * tile, D)
+    out, aux = flex_attention(
+        qs, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options,
+        return_aux=AuxRequest(lse=True),
     )
-    out, aux = out if lse else (out, None)
-    return out, None if aux is None else aux.lse, torch.compiler.is_compiling()  # True only when compiled
+    return merge_splits(out, aux.lse, splits, rows), torch.compiler.is_compiling()
 
 
 @functools.cache
@@ -204,21 +212,20 @@ def run_flex(
     scale: float | None = None,
     kernel_options: FlexKernelOptions | None = None,
     compiled: bool = True,
-    return_lse: bool = False,
-):
+    splits: int = 1,
+) -> torch.Tensor:
     """One flex_attention call; compiled by default, refusing any silent eager fallback.
 
     Args:
-        q: (B, Hq, L, D); k, v: (B, Hkv, S, D); block_mask over (L, S).
+        q: (B, Hq, L, D); k, v: (B, Hkv, S, D); block_mask over (L, S), or with splits > 1 over
+            (splits * ceil16(L), S) (see `build_block_mask`).
         compiled: False runs the eager (unfused, O(L * S) memory) path on purpose.
-        return_lse: also return the log-sum-exp of each query row (B, Hq, L), natural log.
+        splits: split-KV factor (CUDA only when compiled: CPU flex does not return the log-sum-exp).
     """
     gqa = q.shape[1] != k.shape[1]
     if not compiled:
-        out, lse, _ = _flex_call(q, k, v, block_mask, scale, gqa, None, return_lse)
-    else:
-        out, lse = run_checked(_compiled_flex(), q, k, v, block_mask, scale, gqa, kernel_options, return_lse)
-    return (out, lse) if return_lse else out
+        return _flex_call(q, k, v, block_mask, scale, gqa, None, splits)[0]
+    return run_checked(_compiled_flex(), q, k, v, block_mask, scale, gqa, kernel_options, splits)
 
 
 def default_splits(device: torch.device, batch: int, heads: int, q_len: int) -> int:
@@ -294,9 +301,7 @@ def flex_sparse_attention(
         out = run_flex(qx, k, v, mask, scale=scale, kernel_options=opts, compiled=compiled)
     else:
         tile = -(-rows // 16) * 16  # one Q tile per split
-        qs = F.pad(qx, (0, 0, 0, tile - rows)).repeat(1, 1, s, 1)  # (B, Hc, S * tile, D)
         mask = build_block_mask(sel, tile, heads, q_block=tile, splits=s)
         opts = kernel_options(q.device, sel.block_size, tile)
-        out, lse = run_flex(qs, k, v, mask, scale=scale, kernel_options=opts, compiled=compiled, return_lse=True)
-        out = merge_splits(out, lse, s, rows)  # (B, Hc, L, D)
+        out = run_flex(qx, k, v, mask, scale=scale, kernel_options=opts, compiled=compiled, splits=s)
     return rearrange(out, "b h (g t) d -> b (h g) t d", t=t) if packed else out  # (B, Hq, T, D)

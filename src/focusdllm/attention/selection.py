@@ -44,8 +44,7 @@ class KeySelection:
 
         A kept block contributes its valid keys, any other block its token-kept keys (exact)."""
         vc, tc = self.block_counts()
-        kept = torch.where(self.block_keep, vc, tc).float().sum(-1).mean(1)  # (B,)
-        return kept / vc.float().sum((1, 2)).clamp(min=1)
+        return kept_density(self.block_keep[:, None], vc, tc)[:, 0]
 
 
 def block_counts(token_keep: torch.Tensor, valid: torch.Tensor, block_size: int):
@@ -55,3 +54,16 @@ def block_counts(token_keep: torch.Tensor, valid: torch.Tensor, block_size: int)
     vc = valid.reshape(b, 1, nb, block_size).sum(-1)
     tc = (token_keep & valid[:, None, :]).reshape(b, ht, nb, block_size).sum(-1)
     return vc, tc
+
+
+def kept_density(block_keep: torch.Tensor, vc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+    """Fraction of valid keys kept, averaged over selection heads, for a stack of selections.
+
+    Args:
+        block_keep: (B, L, Hs, NB) bool (L selections, e.g. layers); vc, tc: `block_counts` (B, 1, NB),
+            (B, 1|Hs, NB). A kept block contributes its valid keys, any other block its token-kept keys.
+    Returns:
+        (B, L) float32.
+    """
+    kept = torch.where(block_keep, vc[:, None], tc[:, None]).float().sum(-1).mean(-1)  # (B, L)
+    return kept / vc.float().sum((1, 2)).clamp(min=1)[:, None]

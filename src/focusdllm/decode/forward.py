@@ -13,7 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..attention.backend import sparse_attention
-from ..attention.selection import KeySelection, block_counts
+from ..attention.selection import KeySelection, block_counts, kept_density
 from ..cache import KVCache
 from ..compiled import compiled_on_cuda
 from ..focus.indicator import StepRows
@@ -164,6 +164,7 @@ def row_forward(
     token_keep = counts = None
     n_layers = len(model.blocks)
     density = torch.zeros(n_layers, device=h.device)
+    kept = []  # block_keep of each sparse layer; densities are computed once after the loop
     for i, blk in enumerate(model.blocks):
         q, k, v = blk.qkv(h, model.rope, cos, sin)
         cache.write(i, rows.rows, rows.write, k, v)
@@ -190,8 +191,11 @@ def row_forward(
             sel = KeySelection(block_keep, token_keep.expand(-1, block_keep.shape[1], -1), canvas.valid,
                                plan.block_size, counts)
             o = sparse_attention(q, cache.k[i], cache.v[i], sel, plan.backend, max_keys=plan.max_keys)
-            density[i] = sel.density().mean()
+            kept.append(block_keep)
             if plan.record:
                 plan.last.setdefault("kept_blocks", {})[i] = sel.block_keep
         h = blk.finish(h, o)
+    if kept:  # sparse layers are the last len(kept): their densities in a few kernels, not a few per layer
+        vc, tc = counts
+        density[n_layers - len(kept):] = kept_density(torch.stack(kept, 1), vc, tc).mean(0)
     return h, density
