@@ -12,6 +12,15 @@ the fly from the seed (focusdllm.tasks), so there is no dataset file.
     python bench/train_tiny.py --preset h100 --out runs/focus-tiny          # one H100, ~8 min
     python bench/train_tiny.py --preset smoke --out /tmp/smoke              # CPU, seconds
 
+The shipped weights continue that run (bench/results/train_log_run3*.jsonl): --init-from the previous
+weights, lengths 1K-8K at once, few copy rows (they hold most masked tokens and so most of the loss), and
+batches weighted toward the weak multi-key task (--task-weights), e.g.
+
+    python bench/train_tiny.py --preset h100 --out runs/run3 --init-from src/focusdllm/weights/focus-tiny \
+        --minutes 7.7 --lr 7e-4 --warmup 50 --min-len 1024 --max-len 8192 --hold 0.02 --ramp 0.45 \
+        --gate-acc 0 --aux-start 0.1 --aux-end 0.02 --aux-decay 0.5 \
+        --tasks passkey,multikey,spancopy --task-weights 1,3,2 --eval-every 1500 --seed 3
+
 With --steps N the schedule (LR, lengths) follows the step count and the run is reproducible;
 with --steps 0 it follows the wall clock (--minutes), and the log records the steps reached.
 """
@@ -119,13 +128,18 @@ def copy_rows(rng: random.Random, length: int, rows: int, alphabet: int = VOCAB.
     return ids, region
 
 
-def make_batch(rng: random.Random, length: int, rows: int, aux_frac: float = 0.0, tasks=TASKS, aux_kw=None):
+def make_batch(rng: random.Random, length: int, rows: int, aux_frac: float = 0.0, tasks=TASKS, aux_kw=None,
+               task_weights=None):
     """rows rows of `length` tokens: about aux_frac * rows copy rows, the rest random task cases
-    (prompt + answer region) -> ids (B, L), region (B, L) bool (the positions that get masked)."""
+    (drawn with `task_weights`, default uniform; prompt + answer region) -> ids (B, L), region (B, L) bool
+    (the positions that get masked)."""
     n_aux = min(rows, int(aux_frac * rows + rng.random()))
     ids, region = [], []
     for _ in range(rows - n_aux):
-        task = tasks[rng.randrange(len(tasks))]
+        if task_weights:
+            task = rng.choices(tasks, weights=task_weights)[0]
+        else:
+            task = tasks[rng.randrange(len(tasks))]
         gl = GEN_LENGTH[task]
         c = generate_case(task, rng, length - gl)
         ids.append(c["input"] + target_ids(c))
@@ -233,6 +247,8 @@ def main(argv=None):
     ap.add_argument("--aux-exact", type=float, default=None,
                     help="share of copy rows that are one exact copy (src, copy, random) instead of chunks")
     ap.add_argument("--tasks", type=lambda s: tuple(s.split(",")), default=TASKS)
+    ap.add_argument("--task-weights", type=lambda s: [float(x) for x in s.split(",")], default=None,
+                    help="sampling weights of --tasks in training batches (default: uniform)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", type=int, default=1000)
     ap.add_argument("--eval-tokens-per-step", type=int, default=1)
@@ -247,6 +263,8 @@ def main(argv=None):
     for k, v in {**defaults, **PRESETS[a.preset]}.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
+    if a.task_weights is not None and len(a.task_weights) != len(a.tasks):
+        raise SystemExit(f"--task-weights needs one weight per task in {a.tasks}")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available; pass --device cpu")
     dev = torch.device(a.device)
@@ -303,7 +321,7 @@ def main(argv=None):
         rows = max(1, a.batch_tokens // L)
         aux_kw = dict(alphabet=a.aux_alphabet, mmin=a.aux_chunk[0], mmax=a.aux_chunk[1],
                       src_frac=(a.aux_src[0], a.aux_src[1]), exact=a.aux_exact)
-        ids, region = make_batch(rng, L, rows, aux_fraction(p, a), a.tasks, aux_kw)
+        ids, region = make_batch(rng, L, rows, aux_fraction(p, a), a.tasks, aux_kw, a.task_weights)
         ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
         for g in opt.param_groups:
