@@ -29,11 +29,31 @@ OFFICIAL_NOTE = (
     "vanilla decodes 1 token per step (NFE 256), × vanilla for † rows is against that; at 32K its cached modes "
     "run out of memory and its vanilla figure is forward-only."
 )
-MODE_ORDER = ["vanilla-1tok", "vanilla", "fastdllm-dual", "fastdllm-prefix", "focus", "focus-lossless", "focus+reuse"]
+MODE_ORDER = ["vanilla-1tok", "vanilla", "fastdllm-dual", "fastdllm-prefix", "focus", "focus-lossless", "focus+reuse",
+              "focus+reuse+slim", "focus+reuse+sparse", "focus+reuse+slim+sparse"]
 
 
 def load(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from several runs: a context measured by a later run replaces it whole (every ratio in a row
+    stays within one run); `runs` records which run gave which contexts."""
+    out = {**reports[0], "benchmarks": []}
+    owner = {}  # context -> index of the run that supplies it
+    for i, rep in enumerate(reports):
+        for b in rep.get("benchmarks", []):
+            owner[b["params"]["context"]] = i
+    for i, rep in enumerate(reports):
+        out["benchmarks"] += [b for b in rep.get("benchmarks", []) if owner[b["params"]["context"]] == i]
+    out["runs"] = [
+        {"contexts": sorted(c for c, j in owner.items() if j == i),
+         "commit": str((rep.get("commit_info") or {}).get("id"))[:10],
+         "gpu": (rep.get("machine_info") or {}).get("gpu")}
+        for i, rep in enumerate(reports)
+    ]
+    return out
 
 
 def _order(mode: str) -> int:
@@ -75,9 +95,9 @@ def _official_dual(ctx: int, on_h100: bool) -> float | None:
 def table(report: dict, official: bool = True) -> str:
     gpu = (report.get("machine_info") or {}).get("gpu") or "CPU"
     on_h100 = "H100" in gpu
-    head = ("| context | mode | tok/s | ms / refresh | ms / step | NFE | peak GiB | key density | × dual | × vanilla "
-            "| × official dual† |")
-    lines = [head, "|---:|:---|" + "---:|" * 9]
+    head = ("| context | mode | tok/s | ms / refresh | ms / step | step floor ms | NFE | peak GiB | key density "
+            "| × dual | × vanilla | × vanilla 1 tok | × official dual† |")
+    lines = [head, "|---:|:---|" + "---:|" * 11]
     rs = rows(report)
     ctxs = sorted({r["context"] for r in rs})
     for ctx in ctxs:
@@ -85,7 +105,7 @@ def table(report: dict, official: bool = True) -> str:
             mode = r["mode"]
             if not _ok(r):
                 why = "OOM" if r.get("oom") else ("skipped" if r.get("skipped") else "error")
-                lines.append(f"| {_ctx(ctx)} | {mode} | {why} |" + " — |" * 8)
+                lines.append(f"| {_ctx(ctx)} | {mode} | {why} |" + " — |" * 10)
                 continue
             star = "*" if r.get("extrapolated") else ("§" if r.get("tokens_per_s_includes_sync") else "")
             if r.get("ms_per_refresh") is None and r.get("ms_per_full") is not None:
@@ -97,9 +117,10 @@ def table(report: dict, official: bool = True) -> str:
             od = _official_dual(ctx, on_h100)
             lines.append(
                 f"| {_ctx(ctx)} | {mode} | {r['tokens_per_s']:.2f}{star} | {refresh} "
-                f"| {_f(r.get('ms_per_step'), '.2f')} "
+                f"| {_f(r.get('ms_per_step'), '.2f')} | {_f(r.get('step_floor_ms'), '.2f')} "
                 f"| {r.get('nfe')} | {_f(r.get('peak_memory_gib'), '.1f')} | {dens_s} "
                 f"| {_x(r.get('speedup_vs_fastdllm_dual'), '.2f')} | {_x(r.get('speedup_vs_vanilla'), '.1f')} "
+                f"| {_x(r.get('speedup_vs_vanilla_1tok'), '.0f')} "
                 f"| {_x(r['tokens_per_s'] / od if od else None, '.2f')} |"
             )
         o = OFFICIAL_H100.get(ctx)
@@ -107,14 +128,14 @@ def table(report: dict, official: bool = True) -> str:
             for name, key in (("dual", "dual"), ("prefix", "prefix"), ("vanilla (1 tok/step)", "vanilla")):
                 tps = o[key]
                 if tps is None:
-                    lines.append(f"| {_ctx(ctx)} | official Fast-dLLM {name}† | OOM |" + " — |" * 8)
+                    lines.append(f"| {_ctx(ctx)} | official Fast-dLLM {name}† | OOM |" + " — |" * 10)
                     continue
                 ref, step = (f"{o['refresh_ms']}", f"{o['step_ms']}") if key == "dual" else ("—", "—")
                 nfe = 256 if key == "vanilla" else 128
                 x_dual = _f(tps / o["dual"], ".2f") + "×" if o["dual"] else "—"
                 lines.append(
-                    f"| {_ctx(ctx)} | official Fast-dLLM {name}† | {tps} | {ref} | {step} | {nfe} | "
-                    f"{o['peak'] if key == 'dual' else '—'} | 1 | {x_dual} | {tps / o['vanilla']:.1f}× | — |"
+                    f"| {_ctx(ctx)} | official Fast-dLLM {name}† | {tps} | {ref} | {step} | — | {nfe} | "
+                    f"{o['peak'] if key == 'dual' else '—'} | 1 | {x_dual} | — | {tps / o['vanilla']:.0f}× | — |"
                 )
     cfg = report.get("config", {})
     quick = any(r.get("tokens_per_s_includes_sync") for r in rs)
@@ -123,12 +144,16 @@ def table(report: dict, official: bool = True) -> str:
         f"This run: {gpu}, {cfg.get('model')} (random {cfg.get('dtype', '').replace('torch.', '')} weights), "
         f"gen {cfg.get('gen_length')}, block {cfg.get('block_length')}, steps {cfg.get('steps')}, batch 1, "
         f"torch {(report.get('machine_info') or {}).get('torch')}, "
-        f"commit {str((report.get('commit_info') or {}).get('id'))[:10]}.",
+        f"commit {str((report.get('commit_info') or {}).get('id'))[:10]}."
+        + "".join(f" Contexts {', '.join(_ctx(c) for c in r['contexts'])}: run at commit {r['commit']}."
+                  for r in report.get("runs", []) if r["contexts"]),
         "tok/s = generated tokens / wall seconds of one timed run (synchronized, warm-up excluded); "
         "* = extrapolated (vanilla: timed full-forward steps × NFE). ms / refresh and ms / step come from a separate "
         "timing run that synchronizes around every forward (vanilla: ms per full forward). × dual / × vanilla: "
         f"tokens/s over fastdllm-dual's / vanilla's (same {cfg.get('steps')}-step schedule) at the same context, same "
-        "run; vanilla-1tok decodes 1 token per step (NFE = gen length). Key density: mean fraction of valid keys "
+        "run; vanilla-1tok decodes 1 token per step (NFE = gen length), × vanilla 1 tok is over it. Step floor: "
+        "(weights but the input embedding + the K/V bytes the step reads) / the run's measured copy bandwidth. "
+        "Key density: mean fraction of valid keys "
         "attended in Focus's sparse layers (1 = dense). Peak GiB: torch.cuda.max_memory_allocated during the timed "
         "run, weights included.",
     ]
@@ -218,16 +243,16 @@ def plot_breakdown(report: dict, out: Path) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", help="output of python -m focusdllm.bench")
+    p.add_argument("json", nargs="+", help="output(s) of python -m focusdllm.bench; later runs replace contexts")
     p.add_argument("--table", action="store_true", help="print the Markdown table instead of plotting")
     p.add_argument("--no-official", action="store_true", help="leave out the official Fast-dLLM H100 figures")
     p.add_argument("--outdir", default=None, help="where PNGs go (default: next to the JSON)")
     args = p.parse_args(argv)
-    report = load(args.json)
+    report = merge([load(j) for j in args.json])
     if args.table:
         print(table(report, official=not args.no_official))
         return 0
-    src = Path(args.json)
+    src = Path(args.json[-1])
     outdir = Path(args.outdir) if args.outdir else src.parent
     outdir.mkdir(parents=True, exist_ok=True)
     a = plot_tokens(report, outdir / f"{src.stem}_tokens_per_s.png", official=not args.no_official)

@@ -137,6 +137,10 @@ def _git(*cmd: str) -> str | None:
 
 
 def commit_info() -> dict:
+    """The code's commit: $FOCUSDLLM_COMMIT when set (a copied tree's .git may be stale), else git."""
+    env = os.environ.get("FOCUSDLLM_COMMIT")
+    if env:
+        return {"id": env, "dirty": None, "source": "env FOCUSDLLM_COMMIT"}
     cid = _git("rev-parse", "HEAD")
     if cid:
         dirty = _git("status", "--porcelain", "--untracked-files=no")
@@ -144,8 +148,8 @@ def commit_info() -> dict:
             "id": cid, "dirty": bool(dirty), "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
             "time": _git("show", "-s", "--format=%cI", "HEAD"), "source": "git",
         }
-    env = os.environ.get("FOCUSDLLM_COMMIT") or os.environ.get("GIT_COMMIT")
-    return {"id": env, "dirty": None, "source": "env FOCUSDLLM_COMMIT / GIT_COMMIT" if env else "unknown"}
+    env = os.environ.get("GIT_COMMIT")
+    return {"id": env, "dirty": None, "source": "env GIT_COMMIT" if env else "unknown"}
 
 
 def gpu_slug(device: torch.device) -> str:

@@ -25,7 +25,11 @@ MODES = {
     "focus-flex": dict(mode="focus", focus=FocusConfig.paper(backend="flex")),
     "focus-bound": dict(mode="focus", focus=FocusConfig.paper(block_score="bound", backend="torch")),
     "focus-fast": dict(mode="focus", focus=FocusConfig.fast(backend="torch")),
-    "focus-fast-slim": dict(mode="focus", focus=FocusConfig.fast(prefill_keep=0.5, backend="torch")),
+    "focus-fast-slim": dict(mode="focus", focus=FocusConfig.fast(prefill_keep=0.25, backend="torch")),
+    "focus-fast-sparse": dict(mode="focus", focus=FocusConfig.fast(prefill_sparse=0.1, backend="torch")),
+    "focus-fast-slim-sparse": dict(
+        mode="focus", focus=FocusConfig.fast(prefill_keep=0.25, prefill_sparse=0.1, backend="torch")
+    ),
     # a deliberately broken sparse setting: one block kept, no sinks, pruning from layer 1 on
     "bad": dict(mode="focus", focus=FocusConfig(keep_ratio=0.01, min_blocks=1, num_sinks=0, sink_layer=0,
                                                 backend="torch")),
