@@ -112,6 +112,8 @@ def table(report: dict, official: bool = True) -> str:
                 refresh = f"{r['ms_per_full']:.1f} (full fwd)"
             else:
                 refresh = _f(r.get("ms_per_refresh"), ".1f")
+                if r.get("ms_first_refresh") is not None:
+                    refresh += f" (first {r['ms_first_refresh']:.0f})"
             dens = r.get("density_sparse_layers")
             dens_s = _f(dens, ".3f") if dens is not None else ("1" if r.get("density_all_layers") == 1.0 else "—")
             od = _official_dual(ctx, on_h100)
@@ -149,7 +151,8 @@ def table(report: dict, official: bool = True) -> str:
                   for r in report.get("runs", []) if r["contexts"]),
         "tok/s = generated tokens / wall seconds of one timed run (synchronized, warm-up excluded); "
         "* = extrapolated (vanilla: timed full-forward steps × NFE). ms / refresh and ms / step come from a separate "
-        "timing run that synchronizes around every forward (vanilla: ms per full forward). × dual / × vanilla: "
+        "timing run that synchronizes around every forward (vanilla: ms per full forward; first = the prefill, where "
+        "recorded). × dual / × vanilla: "
         f"tokens/s over fastdllm-dual's / vanilla's (same {cfg.get('steps')}-step schedule) at the same context, same "
         "run; vanilla-1tok decodes 1 token per step (NFE = gen length), × vanilla 1 tok is over it. Step floor: "
         "(weights but the input embedding + the K/V bytes the step reads) / the run's measured copy bandwidth. "

@@ -113,7 +113,7 @@ def _density(stats: dict) -> tuple[float | None, float | None]:
 
 
 def _timed_metrics(out_stats: dict) -> dict:
-    keep = ("ms_per_refresh", "ms_per_step", "ms_per_full")
+    keep = ("ms_per_refresh", "ms_per_step", "ms_per_full", "ms_first_refresh")
     m = {k: out_stats.get(k) for k in keep}
     nfe, ref = out_stats["nfe"], out_stats["refreshes"]
     m["refresh_total_s"] = (m["ms_per_refresh"] or 0.0) * ref / 1e3 if m["ms_per_refresh"] is not None else None

@@ -347,6 +347,8 @@ def _stats(stats: StepStats, nfe, refreshes, elapsed, n_tokens, times, policy, d
     for k, v in times.items():
         if v:
             out[f"ms_per_{k}"] = sum(v) / len(v)
+    if times.get("refresh"):  # the prefill: with prompt KV reuse the later refreshes are response-only
+        out["ms_first_refresh"] = times["refresh"][0]
     if dev.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     return out
