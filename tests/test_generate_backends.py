@@ -51,3 +51,19 @@ def test_cuda_graphs_and_flex_on_gpu(arch, backend):
             ref = generate(model, ids, mode=mode, focus=extra["focus"].with_(backend="torch"), **kw)
             agree = (ref.sequences == eager.sequences).float().mean().item()
             assert agree > 0.97, agree  # bf16 flex vs gather may flip a near-tie
+
+
+@pytest.mark.gpu
+def test_many_lengths_and_batches_do_not_exhaust_recompiles():
+    """An eval-like sweep (12 prompt lengths x 2 batch sizes, mean and bound scores) runs compiled throughout:
+    the compiled selection / sink helpers use dynamic shapes, so no CompileFallbackError."""
+    import focusdllm
+    from focusdllm import FocusConfig
+
+    model = focusdllm.load_model("llada-tiny", dtype=torch.bfloat16, device="cuda", seed=0)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for i, n in enumerate(range(300, 1500, 100)):
+            ids = torch.randint(0, 100, (1 + i % 2, n), device="cuda")
+            for cfg in (FocusConfig(block_size=16, backend="flex"), FocusConfig.fast(block_size=16, backend="flex")):
+                out = generate(model, ids, gen_length=32, block_length=16, steps=16, mode="focus", focus=cfg)
+                assert out.sequences.shape == (ids.shape[0], n + 32)

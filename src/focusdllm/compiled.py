@@ -48,8 +48,12 @@ def run_checked(compiled: Callable, *args):
 
 @functools.cache
 def compiled_on_cuda(fn: Callable) -> Callable:
-    """`fn` on CPU tensors, compiled (fullgraph, static shapes, fallback-checked) when the first arg is CUDA."""
-    compiled = torch.compile(flagged(fn), fullgraph=True, dynamic=False)
+    """`fn` on CPU tensors, compiled (fullgraph, fallback-checked) when the first arg is CUDA.
+
+    Shapes are automatically dynamic (`dynamic=None`): a second prompt length or batch size recompiles once
+    with symbolic sizes instead of once per shape, so an eval over many lengths stays under the recompile limit.
+    """
+    compiled = torch.compile(flagged(fn), fullgraph=True, dynamic=None)
 
     @functools.wraps(fn)
     def call(*args):

@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     from . import load_model
     from .tasks import make_cases
 
+    # compiled flex specialises per KV capacity and batch: one variant per (length, batch size, mode)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     p = argparse.ArgumentParser(prog="focusdllm eval", description=__doc__)
     p.add_argument("--model", default="focus-tiny")
     p.add_argument("--tasks", nargs="+", default=["passkey", "multikey", "spancopy"])
