@@ -73,6 +73,8 @@ def mode_kwargs(name: str) -> dict | None:
         return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_keep=0.25)}
     if name == "focus+reuse+sparse":
         return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_sparse=0.1)}
+    if name == "focus+reuse+slim50+sparse":
+        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_keep=0.5, prefill_sparse=0.1)}
     if name == "focus+reuse+slim+sparse":
         return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_keep=0.25, prefill_sparse=0.1)}
     if name == "focus+reuse":
@@ -83,7 +85,7 @@ def mode_kwargs(name: str) -> dict | None:
 
 
 ALL_MODES = ("vanilla", "fastdllm-dual", "fastdllm-prefix", "focus", "focus+reuse", "focus+reuse+slim",
-             "focus+reuse+sparse", "focus+reuse+slim+sparse", "focus-lossless")
+             "focus+reuse+sparse", "focus+reuse+slim50+sparse", "focus+reuse+slim+sparse", "focus-lossless")
 
 
 def default_modes() -> list[str]:

@@ -27,6 +27,9 @@ MODES = {
     "focus-fast": dict(mode="focus", focus=FocusConfig.fast(backend="torch")),
     "focus-fast-slim": dict(mode="focus", focus=FocusConfig.fast(prefill_keep=0.25, backend="torch")),
     "focus-fast-sparse": dict(mode="focus", focus=FocusConfig.fast(prefill_sparse=0.1, backend="torch")),
+    "focus-fast-slim50-sparse": dict(
+        mode="focus", focus=FocusConfig.fast(prefill_keep=0.5, prefill_sparse=0.1, backend="torch")
+    ),
     "focus-fast-slim-sparse": dict(
         mode="focus", focus=FocusConfig.fast(prefill_keep=0.25, prefill_sparse=0.1, backend="torch")
     ),
