@@ -14,6 +14,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..compiled import flagged, run_checked
+
 
 def _norm(x, w, eps):
     xf = x if x.dtype == torch.float64 else x.float()
@@ -33,7 +35,7 @@ def qkv_fn(x, nw, eps, wq, bq, wk, bk, wv, bv, cos, sin, hq: int, hkv: int):
     q = F.linear(h, wq, bq).view(b, t, hq, -1).transpose(1, 2)  # (B, Hq, T, D)
     k = F.linear(h, wk, bk).view(b, t, hkv, -1).transpose(1, 2)  # (B, Hkv, T, D)
     v = F.linear(h, wv, bv).view(b, t, hkv, -1).transpose(1, 2)
-    return _rope(q, cos, sin), _rope(k, cos, sin), v.contiguous(), torch.compiler.is_compiling()
+    return _rope(q, cos, sin), _rope(k, cos, sin), v.contiguous()
 
 
 def finish_fn(x, attn, wo, nw, eps, wg, wu, wd):
@@ -41,35 +43,24 @@ def finish_fn(x, attn, wo, nw, eps, wg, wu, wd):
     b, hq, t, d = attn.shape
     x = x + F.linear(attn.transpose(1, 2).reshape(b, t, hq * d), wo)
     h = _norm(x, nw, eps)
-    return x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd), torch.compiler.is_compiling()
+    return x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
 
 
 @functools.cache
 def compiled():
-    """The two compiled functions (automatic dynamic shapes: lengths vary between calls)."""
-    return torch.compile(qkv_fn, fullgraph=True), torch.compile(finish_fn, fullgraph=True)
-
-
-_EAGER = (
-    "the fused block ran eagerly (torch.compile fell back, e.g. after hitting "
-    "torch._dynamo.config.recompile_limit); raise the limit or call model.fuse(False)"
-)
+    """The two compiled functions (automatic dynamic shapes: lengths vary between calls); each also returns
+    whether it ran compiled (`compiled.flagged`), which `run_checked` turns into an error on eager fallback."""
+    return (torch.compile(flagged(qkv_fn), fullgraph=True), torch.compile(flagged(finish_fn), fullgraph=True))
 
 
 def block_qkv(blk, x, cos, sin):
     qkv, _ = compiled()
-    *out, ok = qkv(x, blk.attn_norm.weight, blk.attn_norm.eps, blk.q_proj.weight, blk.q_proj.bias,
-               blk.k_proj.weight, blk.k_proj.bias, blk.v_proj.weight, blk.v_proj.bias, cos, sin,
-               blk.n_heads, blk.n_kv_heads)
-    if not ok:
-        raise RuntimeError(_EAGER)
-    return out
+    return run_checked(qkv, x, blk.attn_norm.weight, blk.attn_norm.eps, blk.q_proj.weight, blk.q_proj.bias,
+                       blk.k_proj.weight, blk.k_proj.bias, blk.v_proj.weight, blk.v_proj.bias, cos, sin,
+                       blk.n_heads, blk.n_kv_heads)
 
 
 def block_finish(blk, x, attn):
     _, fin = compiled()
-    out, ok = fin(x, attn, blk.o_proj.weight, blk.mlp_norm.weight, blk.mlp_norm.eps, blk.gate_proj.weight,
-               blk.up_proj.weight, blk.down_proj.weight)
-    if not ok:
-        raise RuntimeError(_EAGER)
-    return out
+    return run_checked(fin, x, attn, blk.o_proj.weight, blk.mlp_norm.weight, blk.mlp_norm.eps, blk.gate_proj.weight,
+                       blk.up_proj.weight, blk.down_proj.weight)
