@@ -3,9 +3,10 @@
 GPU (bf16): keys 8K/16K/32K/64K x queries 16/32/128 x blocks kept 5/10/25% x LLaDA (32 MHA heads) and
 Dream (28 q / 4 kv heads), d=128, 64-key blocks. CPU (fp32): a small subset at 4K/16K keys.
 Each op includes its own index / BlockMask building from the `KeySelection` (that is its per-layer cost in
-a decode step); gather gets the static bound `max_keys` (kept blocks * block + sinks + response), so no op
-syncs with the host. Selections: top-K random prompt blocks per selection head + 16 sinks + the last 256
-(response) keys.
+a decode step; the per-block counts of sinks / response keys are computed once per step in a decode, so the
+selection carries them precomputed here too); gather gets the static bound `max_keys` (kept blocks * block +
+sinks + response), so no op syncs with the host. Selections: top-K random prompt blocks per selection head +
+16 sinks + the last 256 (response) keys.
 
 Timing modes (`--op-timing`, or env FOCUSDLLM_OP_TIMING; recorded as extra_info["timing"]):
   graph (default on CUDA): one call of the op is captured into a `torch.cuda.CUDAGraph` (after warm-up on a
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from focusdllm.attention import KeySelection
 from focusdllm.attention.flex import flex_available, flex_sparse_attention
 from focusdllm.attention.gather import gather_attention
+from focusdllm.attention.selection import block_counts
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -85,7 +87,8 @@ def _selection(hs: int, keys: int, keep: float) -> tuple[KeySelection, int]:
     token_keep.scatter_(-1, sinks, True)
     token_keep[..., prompt:] = True
     valid = torch.ones(1, keys, dtype=torch.bool, device=DEVICE)
-    return KeySelection(block_keep, token_keep, valid, BS), n_keep * BS + N_SINKS + N_RESP
+    counts = block_counts(token_keep, valid, BS)  # per step in a decode (shared by every sparse layer), not per op
+    return KeySelection(block_keep, token_keep, valid, BS, counts), n_keep * BS + N_SINKS + N_RESP
 
 
 def _timing_mode(config) -> str:
