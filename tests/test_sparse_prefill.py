@@ -97,3 +97,17 @@ def test_config_errors():
         FocusConfig(prefill_sparse=0.0)
     with pytest.raises(ValueError, match="prefill_band"):
         FocusConfig(prefill_band=-1)
+
+
+def test_torch_reference_chunks_equal_one_mask():
+    """The torch path works 2048 query rows at a time; across chunk borders it equals one full masked SDPA."""
+    g = torch.Generator().manual_seed(0)
+    n, cap, bs = 5000, 5120, 64
+    q = torch.randn(1, 4, n, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, cap, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    valid = (torch.arange(cap) < n)[None]
+    tk = (torch.rand(1, cap, generator=g) < 0.01) & valid
+    bk = torch.rand(1, -(-n // sp.Q_BLOCK), cap // bs, generator=g) < 0.1
+    keep = (bk.repeat_interleave(sp.Q_BLOCK, 1)[:, :n].repeat_interleave(bs, -1) | tk[:, None]) & valid[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], enable_gqa=True)
+    torch.testing.assert_close(sp.sparse_prefill_attention(q, k, v, bk, tk, valid, bs, "torch"), ref)

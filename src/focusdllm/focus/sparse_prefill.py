@@ -8,7 +8,7 @@ In layers after `prefill_layer`, each block of `q_block` query rows attends to
   * every response key;
 and a query block holding any response row attends to every key (the rows that decode stay dense).
 On the flex backend the BlockMask is built from the per-query-block lists (`attention/flex.py`); the
-torch backend materialises the (B, 1, N, Cap) mask (reference / tests only).
+torch backend materialises the mask (B, rows, Cap) for 2048 query rows at a time (the plain reference).
 """
 
 from __future__ import annotations
@@ -81,7 +81,13 @@ def sparse_prefill_attention(q, k, v, block_keep, token_keep, valid, block_size:
     if backend == "flex":
         mask = prefill_block_mask(block_keep, token_keep, valid, block_size, q.shape[2])
         return run_flex(q, k, v, mask, kernel_options=kernel_options(q.device, block_size, q.shape[2]))
-    n = q.shape[2]
-    blk = block_keep.repeat_interleave(Q_BLOCK, 1)[:, :n].repeat_interleave(block_size, -1)  # (B, N, Cap)
-    keep = (blk | token_keep[:, None, :]) & valid[:, None, :]  # (B, N, Cap)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], enable_gqa=q.shape[1] != k.shape[1])
+    out = torch.empty_like(q)
+    step = 16 * Q_BLOCK  # query rows per chunk: the (B, rows, Cap) mask stays small at any length
+    for r0 in range(0, q.shape[2], step):
+        r1 = min(r0 + step, q.shape[2])
+        blk = block_keep[:, r0 // Q_BLOCK : -(-r1 // Q_BLOCK)].repeat_interleave(Q_BLOCK, 1)[:, : r1 - r0]
+        keep = (blk.repeat_interleave(block_size, -1) | token_keep[:, None, :]) & valid[:, None, :]  # (B, rows, Cap)
+        out[:, :, r0:r1] = F.scaled_dot_product_attention(
+            q[:, :, r0:r1], k, v, attn_mask=keep[:, None], enable_gqa=q.shape[1] != k.shape[1]
+        )
+    return out
