@@ -53,11 +53,9 @@ def prompt(model):
 COMMON = {"gen_length": GEN, "block_length": BLOCK, "steps": STEPS}
 
 
-@pytest.mark.parametrize("mode", B.ALL_MODES[:5])
+@pytest.mark.parametrize("mode", B.default_modes())
 def test_e2e(benchmark, model, prompt, mode):
     kw = B.mode_kwargs(mode)
-    if kw is None:
-        pytest.skip(f"{mode}: this FocusConfig has no reuse_prompt_kv")
     benchmark.group = f"e2e-{MODEL}-context={CONTEXT}"
     benchmark.extra_info.update(mode=mode, context=CONTEXT, gen_length=GEN, block_length=BLOCK, steps=STEPS)
     dev = prompt.device

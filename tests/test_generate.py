@@ -179,6 +179,10 @@ def test_focus_presets():
     assert FocusConfig().n_keep_blocks(512) == 52 and FocusConfig().n_keep_blocks(10) == 4
     assert FocusConfig().n_keep_blocks(2) == 2
     assert FocusConfig().resolve_sink_layer(32) == 8
+    paper, fast, fs = FocusConfig.paper(), FocusConfig.fast(), FocusConfig.fast_sparse()
+    assert not paper.reuse_prompt_kv and paper.prefill_keep == 1.0 and paper.prefill_sparse == 1.0  # all off
+    assert fast.reuse_prompt_kv and fast.block_score == "bound" and fast.prefill_sparse == 1.0
+    assert fs == fast.with_(prefill_sparse=0.1) and fs.prefill_keep == 1.0  # pruning (lossy here) stays off
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])

@@ -15,7 +15,6 @@ a run cut short still leaves its results. What each number means: bench/README.m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import sys
 import time
@@ -53,44 +52,32 @@ from .decode.generate import generate
 # ----------------------------------------------------------------------------------------------- modes
 
 
-def _has_reuse() -> bool:
-    return "reuse_prompt_kv" in {f.name for f in dataclasses.fields(FocusConfig)}
+_FOCUS = {"mode": "focus", "cache": "dual"}
+MODES = {
+    "vanilla": {"mode": "vanilla"},
+    "fastdllm-dual": {"mode": "fastdllm", "cache": "dual"},
+    "fastdllm-prefix": {"mode": "fastdllm", "cache": "prefix"},
+    "focus": {**_FOCUS, "focus": FocusConfig.paper()},
+    "focus+reuse": {**_FOCUS, "focus": FocusConfig.fast()},
+    "focus+reuse+slim": {**_FOCUS, "focus": FocusConfig.fast(prefill_keep=0.25)},
+    "focus+reuse+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse()},
+    "focus+reuse+slim50+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(prefill_keep=0.5)},
+    "focus+reuse+slim+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(prefill_keep=0.25)},
+    "focus-lossless": {**_FOCUS, "focus": FocusConfig.lossless()},
+}
+ALL_MODES = tuple(MODES)
 
 
-def mode_kwargs(name: str) -> dict | None:
-    """`generate` keyword arguments of a bench mode; None if this library version lacks it."""
-    if name == "vanilla":
-        return {"mode": "vanilla"}
-    if name == "fastdllm-dual":
-        return {"mode": "fastdllm", "cache": "dual"}
-    if name == "fastdllm-prefix":
-        return {"mode": "fastdllm", "cache": "prefix"}
-    if name == "focus":
-        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.paper()}
-    if name == "focus-lossless":
-        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.lossless()}
-    if name == "focus+reuse+slim":
-        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_keep=0.25)}
-    if name == "focus+reuse+sparse":
-        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_sparse=0.1)}
-    if name == "focus+reuse+slim50+sparse":
-        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_keep=0.5, prefill_sparse=0.1)}
-    if name == "focus+reuse+slim+sparse":
-        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast(prefill_keep=0.25, prefill_sparse=0.1)}
-    if name == "focus+reuse":
-        if not _has_reuse() or not hasattr(FocusConfig, "fast"):
-            return None
-        return {"mode": "focus", "cache": "dual", "focus": FocusConfig.fast()}
-    raise ValueError(f"unknown bench mode {name!r}; known: {ALL_MODES}")
-
-
-ALL_MODES = ("vanilla", "fastdllm-dual", "fastdllm-prefix", "focus", "focus+reuse", "focus+reuse+slim",
-             "focus+reuse+sparse", "focus+reuse+slim50+sparse", "focus+reuse+slim+sparse", "focus-lossless")
+def mode_kwargs(name: str) -> dict:
+    """`generate` keyword arguments of a bench mode (a fresh dict)."""
+    if name not in MODES:
+        raise ValueError(f"unknown bench mode {name!r}; known: {ALL_MODES}")
+    return dict(MODES[name])
 
 
 def default_modes() -> list[str]:
-    base = ["vanilla", "fastdllm-dual", "fastdllm-prefix", "focus"]
-    return base + (["focus+reuse"] if mode_kwargs("focus+reuse") is not None else [])
+    return ["vanilla", "fastdllm-dual", "fastdllm-prefix", "focus", "focus+reuse", "focus+reuse+sparse",
+            "focus+reuse+slim+sparse"]
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -200,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="llada-8b", help="preset (random weights) or checkpoint folder")
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="prompt tokens")
     p.add_argument("--modes", nargs="+", default=None,
-                   help=f"subset of {ALL_MODES} (default: all but focus-lossless; focus+reuse if available)")
+                   help=f"subset of {ALL_MODES} (default: {' '.join(default_modes())})")
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--steps", type=int, default=128)
@@ -287,7 +274,6 @@ def main(argv=None) -> int:
             "cuda_graphs": bool(args.cuda_graphs and dev.type == "cuda"),
             "torch_threads": torch.get_num_threads(), "vanilla_steps": args.vanilla_steps,
             "vanilla_full_max_context": args.vanilla_full_max_context,
-            "unavailable_modes": [m for m in modes if mode_kwargs(m) is None],
             "copy_bandwidth_gbs": bw,
         },
         "command": " ".join([sys.executable, "-m", "focusdllm.bench", *(argv if argv is not None else sys.argv[1:])]),
@@ -298,9 +284,6 @@ def main(argv=None) -> int:
         ids = random_prompt(cfg, ctx, args.seed, dev)
         for name in modes:
             kw = mode_kwargs(name)
-            if kw is None:
-                log(f"ctx={ctx} {name}: skipped (this FocusConfig has no reuse_prompt_kv)")
-                continue
             if args.cuda_graphs and dev.type == "cuda" and kw["mode"] != "vanilla":
                 kw = {**kw, "cuda_graphs": True}
             if args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds:
@@ -356,7 +339,7 @@ def main(argv=None) -> int:
             variants += [(n, True) for n in args.profile_modes]
         for name, graphed in variants:
             kw = mode_kwargs(name)
-            if kw is None or kw["mode"] == "vanilla":
+            if kw["mode"] == "vanilla":
                 continue
             if graphed:
                 kw, name = {**kw, "cuda_graphs": True}, name + "+graphs"

@@ -26,7 +26,7 @@ MODES = {
     "focus-bound": dict(mode="focus", focus=FocusConfig.paper(block_score="bound", backend="torch")),
     "focus-fast": dict(mode="focus", focus=FocusConfig.fast(backend="torch")),
     "focus-fast-slim": dict(mode="focus", focus=FocusConfig.fast(prefill_keep=0.25, backend="torch")),
-    "focus-fast-sparse": dict(mode="focus", focus=FocusConfig.fast(prefill_sparse=0.1, backend="torch")),
+    "focus-fast-sparse": dict(mode="focus", focus=FocusConfig.fast_sparse(backend="torch")),
     "focus-fast-slim50-sparse": dict(
         mode="focus", focus=FocusConfig.fast(prefill_keep=0.5, prefill_sparse=0.1, backend="torch")
     ),
