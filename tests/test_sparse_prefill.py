@@ -111,3 +111,19 @@ def test_torch_reference_chunks_equal_one_mask():
     keep = (bk.repeat_interleave(sp.Q_BLOCK, 1)[:, :n].repeat_interleave(bs, -1) | tk[:, None]) & valid[:, None]
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], enable_gqa=True)
     torch.testing.assert_close(sp.sparse_prefill_attention(q, k, v, bk, tk, valid, bs, "torch"), ref)
+
+
+@pytest.mark.skipif(not flex_available("cpu")[0], reason=flex_available("cpu")[1])
+def test_pruned_and_sparse_prefill_flex_equals_torch():
+    """With prefill pruning the sparse prefill's query blocks hold non-contiguous rows: flex == the torch
+    reference token for token there too (fp32 tiny model, several prompts, batch of two)."""
+    import focusdllm
+
+    model = focusdllm.load_model("llada-tiny", dtype=torch.float32, seed=3)
+    kw = dict(gen_length=32, block_length=16, steps=16, mode="focus")
+    cfg = FocusConfig.fast(block_size=16, prefill_keep=0.5, prefill_sparse=0.2, num_sinks=4)
+    for seed in range(2):
+        ids = torch.randint(0, 100, (2, 700), generator=torch.Generator().manual_seed(seed))
+        a = generate(model, ids, focus=cfg.with_(backend="torch"), **kw).sequences
+        b = generate(model, ids, focus=cfg.with_(backend="flex"), **kw).sequences
+        assert torch.equal(a, b)
