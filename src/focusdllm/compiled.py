@@ -11,7 +11,8 @@ FIX = (
     "Keep shapes fixed: a fixed KV capacity, the same head counts, dtype and block size per process "
     "(call torch._dynamo.reset() when they change), or raise torch._dynamo.config.recompile_limit; "
     "do not run under torch.compiler.set_stance('force_eager') or TORCHDYNAMO_DISABLE=1. "
-    "Use backend='torch' (gather + SDPA) where compiled kernels are not wanted."
+    "Where compiled kernels are not wanted: backend='torch' (gather + SDPA) for attention, model.fuse(False) "
+    "for the fused blocks."
 )
 
 
