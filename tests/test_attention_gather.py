@@ -114,6 +114,8 @@ def test_resolve_backend():
     if torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX"):
         assert resolve_backend("auto", "cpu", torch.float32) == "flex"
         assert resolve_backend("auto", "cpu", torch.bfloat16) == "flex"
+        assert resolve_backend("auto", "cpu", torch.float32, group=7) == "torch"  # GQA on CPU: gather is faster
+        assert resolve_backend("flex", "cpu", torch.float32, group=7) == "flex"  # explicit wins
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="unavailable"):
             resolve_backend("flex", "cuda", torch.bfloat16)

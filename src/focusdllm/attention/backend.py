@@ -15,12 +15,14 @@ _FLEX_DTYPES = {
 }
 
 
-def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype) -> str:
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype, group: int = 1) -> str:
     """Concrete backend ("torch" or "flex") for a request.
 
     "auto" picks compiled flex on CUDA and on AVX2+ Linux CPUs for fp32/bf16 (fp16 too on CUDA), and
-    gather + SDPA ("torch") otherwise. An explicit "flex" that cannot run raises, naming the fix:
-    there is no silent fallback.
+    gather + SDPA ("torch") otherwise; on CPU, short-query attention with grouped KV heads (`group` =
+    Hq // Hkv > 1, e.g. Dream's 7:1) also goes to gather, which measured faster there (16K keys, 10 %, 32
+    queries: 8.7x vs flex's 5.3x over dense; bench/results/attention_ops_cpu.json). An explicit "flex" that
+    cannot run raises, naming the fix: there is no silent fallback.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -30,7 +32,7 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     ok, why = flex_available(device)
     dtype_ok = dtype in _FLEX_DTYPES.get(device.type, ())
     if backend == "auto":
-        return "flex" if ok and dtype_ok else "torch"
+        return "flex" if ok and dtype_ok and not (device.type == "cpu" and group > 1) else "torch"
     if not ok:
         raise RuntimeError(f"attention backend 'flex' unavailable: {why}; use backend='torch' or 'auto'")
     if not dtype_ok:

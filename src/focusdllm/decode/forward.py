@@ -73,7 +73,8 @@ class SparsePlan:
     n_blocks_row: torch.Tensor  # (B,)
     n_keep: torch.Tensor  # (B,) K per row
     response: torch.Tensor  # (B, Cap) bool: slots [P_b, P_b + G)
-    backend: str
+    backend: str  # in-block steps
+    prefill_backend: str  # sparse prefill (long queries)
     prefill_keep: float  # fraction of prompt rows the refresh keeps computing after prefill_layer
     prefill_layer: int
     prefill_sparse: float  # fraction of prompt key blocks a prompt query block attends to after prefill_layer
@@ -124,7 +125,7 @@ def full_forward(model: DiffusionLM, canvas: Canvas, cache: KVCache | None, rep_
             bk = query_block_keep(qx, cache.k[i], rows, canvas.prompt_len, plan.n_keep_prefill, plan.prefill_band,
                                   plan.block_size, plan.n_blocks_host, canvas.valid.shape[1])
             o = sparse_prefill_attention(qx, cache.k[i], cache.v[i], bk, token_keep, canvas.valid,
-                                         plan.block_size, plan.backend)
+                                         plan.block_size, plan.prefill_backend)
         else:
             o = dense_attention(qx, k, v, valid)
         if keep is None:

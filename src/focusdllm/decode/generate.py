@@ -192,7 +192,8 @@ def generate(
             policy = CachePolicy(cache, shift, gen_length, block_length)
         else:
             plan = _sparse_plan(
-                focus, cfg.n_layers, canvas, model.dtype, record=callback is not None and not cuda_graphs
+                focus, cfg.n_layers, canvas, model.dtype, record=callback is not None and not cuda_graphs,
+                group=cfg.n_heads // cfg.n_kv_heads,
             )
             policy = FocusPolicy(focus, shift, gen_length, block_length, plan, rule)
 
@@ -295,7 +296,7 @@ def generate(
     return GenerateOutput(out, nfe, stats_d)
 
 
-def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dtype, record: bool) -> SparsePlan:
+def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dtype, record: bool, group: int = 1) -> SparsePlan:
     from ..attention.backend import resolve_backend
 
     bs = focus.block_size
@@ -315,7 +316,8 @@ def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dtype, recor
         sink_layer=focus.resolve_sink_layer(n_layers), num_sinks=focus.num_sinks,
         per_head=focus.per_head, block_size=bs, n_blocks_host=-(-canvas.max_prompt // bs),
         n_blocks_row=nb_row, n_keep=n_keep, response=response,
-        backend=resolve_backend(focus.backend, dev, dtype), record=record, block_score=focus.block_score,
+        backend=resolve_backend(focus.backend, dev, dtype, group),
+        prefill_backend=resolve_backend(focus.backend, dev, dtype), record=record, block_score=focus.block_score,
         prefill_keep=focus.prefill_keep,
         prefill_layer=focus.resolve_sink_layer(n_layers) if focus.prefill_layer is None else focus.prefill_layer,
         max_keys=max(keep_host) * bs + focus.num_sinks + canvas.gen_length,
