@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU measurements of this project, each sized to finish within a 10-minute device call.
+#
+#   FOCUSDLLM_COMMIT=$(git rev-parse --short HEAD) OUT=/path/to/out bash bench/gpu_jobs.sh <job>
+#
+# Jobs: tests | e2e-4k-16k | e2e-32k | e2e-64k | e2e-dream-32k | ops | fidelity
+# Pass FOCUSDLLM_COMMIT from the checkout: a copied tree's .git can be stale, and the JSON records the commit.
+set -euo pipefail
+: "${OUT:?set OUT to the output folder}"
+: "${FOCUSDLLM_COMMIT:?set FOCUSDLLM_COMMIT to the commit of the checkout}"
+export PYTHONPATH="$PWD/src:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FOCUSDLLM_COMMIT
+quiet() { grep -v "Warn\|warn" || true; }
+bench() { python -m focusdllm.bench --gen-length 256 --block-length 32 --steps 128 --device cuda "$@"; }
+case "${1:-}" in
+  tests)  # hypothesis on CUDA compiles many shapes: give it the whole call
+    timeout 540 python -m pytest -q -p no:cacheprovider tests/test_attention_flex_gpu.py \
+      tests/test_generate_backends.py tests/test_sparse_prefill.py 2>&1 | quiet > "$OUT/gpu_tests.log" ;;
+  e2e-4k-16k)
+    bench --model llada-8b --contexts 4096 8192 16384 --max-seconds 480 --out "$OUT/e2e_4k-16k.json" 2>&1 | quiet > "$OUT/e2e_4k-16k.log" ;;
+  e2e-32k)  # every mode at 32K in one run, with the step profile
+    bench --model llada-8b --contexts 32768 --modes vanilla fastdllm-dual fastdllm-prefix focus focus+reuse \
+      focus+reuse+sparse focus+reuse+slim+sparse --profile --max-seconds 420 --out "$OUT/e2e_32k.json" 2>&1 | quiet > "$OUT/e2e_32k.log" ;;
+  e2e-64k)
+    bench --model llada-8b --contexts 65536 --modes vanilla fastdllm-dual focus focus+reuse+sparse \
+      focus+reuse+slim+sparse --max-seconds 400 --out "$OUT/e2e_64k.json" 2>&1 | quiet > "$OUT/e2e_64k.log" ;;
+  e2e-dream-32k)
+    bench --model dream-7b --contexts 32768 --modes fastdllm-dual focus focus+reuse focus+reuse+sparse \
+      --max-seconds 420 --out "$OUT/e2e_dream_32k.json" 2>&1 | quiet > "$OUT/e2e_dream_32k.log" ;;
+  ops)
+    timeout 540 python -m pytest -q bench/bench_attention_ops.py -k "q32 and (0.1 or dense)" \
+      --benchmark-json="$OUT/attention_ops.json" 2>&1 | quiet | tail -20 > "$OUT/attention_ops.log" ;;
+  fidelity)
+    timeout 540 python -m focusdllm.evaluate --tasks passkey multikey spancopy --lengths 2048 4096 8192 \
+      --modes dense fastdllm focus focus-flex focus-fast focus-fast-sparse focus-fast-slim-sparse bad \
+      --out "$OUT/fidelity.json" --heatmap "$OUT/fidelity.png" 2>&1 | quiet > "$OUT/fidelity.log" ;;
+  *) echo "usage: bash bench/gpu_jobs.sh tests|e2e-4k-16k|e2e-32k|e2e-64k|e2e-dream-32k|ops|fidelity" >&2; exit 2 ;;
+esac
