@@ -140,7 +140,7 @@ def build_block_mask(
         raise ValueError(f"split-KV needs q_len ({q_len}) to be a multiple of q_block ({q_block})")
     repeat = heads // hs if hs > 1 else 1
     vc, tc = sel.block_counts()  # (B, 1, NB), (B, 1|Hs, NB): block-level, no (B, Hs, Cap) pass
-    lists = _block_lists_fn(sel.block_keep.device)(sel.block_keep, vc, tc, bs, splits, repeat)
+    lists = compiled_on_cuda(block_lists)(sel.block_keep, vc, tc, bs, splits, repeat)  # few kernels on CUDA
     # (B, H, S[, W]) -> (B, H, S * rows[, W]): the Q tiles of split s all read split s's blocks
     lists = [x.repeat_interleave(rows, 2) if rows > 1 else x for x in lists]
     return BlockMask.from_kv_blocks(
@@ -171,7 +171,10 @@ def kernel_options(device: torch.device, block_size: int, q_len: int) -> FlexKer
 
 def _flex_call(q, k, v, block_mask, scale, enable_gqa, kernel_options, splits: int):
     """flex_attention; with splits > 1, q (B, H, L, D) is padded to a 16-row tile, stacked `splits` times, and
-    the partial results merged by log-sum-exp, all inside one compiled graph (pad, kernel, merge fuse)."""
+    the partial results merged by log-sum-exp, all inside one compiled graph (pad, kernel, merge fuse).
+
+    Returns (out, ran_compiled) itself rather than through `compiled.flagged`, so the Dynamo cache entries
+    live on this function's own code object (`compiled_variants`)."""
     if splits == 1:
         out = flex_attention(
             q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options
@@ -189,11 +192,6 @@ def _flex_call(q, k, v, block_mask, scale, enable_gqa, kernel_options, splits: i
 @functools.cache
 def _compiled_flex() -> Callable:
     return torch.compile(_flex_call, fullgraph=True, dynamic=False)
-
-
-def _block_lists_fn(device: torch.device) -> Callable:
-    """`block_lists`, compiled into a few fused kernels on CUDA (eagerly it is ~20 launches per layer)."""
-    return compiled_on_cuda(block_lists)
 
 
 def compiled_variants() -> int:
@@ -295,13 +293,8 @@ def flex_sparse_attention(
         raise ValueError(f"split-KV is for short queries: {rows} rows > {Q_BLOCK}; pass splits=1")
     if s > 1 and compiled and q.device.type != "cuda":
         raise ValueError("split-KV needs the log-sum-exp, which compiled CPU flex does not return; pass splits=1")
-    if s == 1:
-        mask = build_block_mask(sel, rows, heads)
-        opts = kernel_options(q.device, sel.block_size, rows)
-        out = run_flex(qx, k, v, mask, scale=scale, kernel_options=opts, compiled=compiled)
-    else:
-        tile = -(-rows // 16) * 16  # one Q tile per split
-        mask = build_block_mask(sel, tile, heads, q_block=tile, splits=s)
-        opts = kernel_options(q.device, sel.block_size, tile)
-        out = run_flex(qx, k, v, mask, scale=scale, kernel_options=opts, compiled=compiled, splits=s)
+    tile = rows if s == 1 else -(-rows // 16) * 16  # with split-KV, one 16-row-aligned Q tile per split
+    mask = build_block_mask(sel, tile, heads, q_block=Q_BLOCK if s == 1 else tile, splits=s)
+    opts = kernel_options(q.device, sel.block_size, tile)
+    out = run_flex(qx, k, v, mask, scale=scale, kernel_options=opts, compiled=compiled, splits=s)
     return rearrange(out, "b h (g t) d -> b (h g) t d", t=t) if packed else out  # (B, Hq, T, D)

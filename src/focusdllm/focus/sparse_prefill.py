@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch.nn.attention.flex_attention import BlockMask
 
-from ..attention.flex import _block_lists_fn, kernel_options, run_flex
+from ..attention.flex import Q_BLOCK, block_lists, kernel_options, run_flex
 from ..attention.selection import block_counts
+from ..compiled import compiled_on_cuda
 from .selection import block_representatives, top_blocks
-
-Q_BLOCK = 128
 
 
 def query_block_keep(q, k, rows, prompt_len, n_keep, band: int, block_size: int, n_blocks_host: int, cap: int):
@@ -38,11 +37,10 @@ def query_block_keep(q, k, rows, prompt_len, n_keep, band: int, block_size: int,
     hkv = k.shape[1]
     nq, nb = -(-n // Q_BLOCK), cap // block_size
     pad = nq * Q_BLOCK - n
-    qf = F.pad(q.float(), (0, 0, 0, pad))  # (B, Hq, NQ * Qb, D)
-    w = F.pad(torch.ones(n, device=q.device), (0, pad))  # real rows
-    qm = torch.einsum("bhnqd,nq->bhnd", rearrange(qf, "b h (n q) d -> b h n q d", q=Q_BLOCK),
-                      rearrange(w, "(n q) -> n q", q=Q_BLOCK)) / reduce(w, "(n q) -> n 1", "sum", q=Q_BLOCK)
-    qm = reduce(qm, "b (h g) n d -> b h n d", "sum", h=hkv)  # (B, Hkv, NQ, D)
+    qf = F.pad(q.float(), (0, 0, 0, pad))  # (B, Hq, NQ * Qb, D), zero rows past N
+    rows_in = (n - torch.arange(nq, device=q.device) * Q_BLOCK).clamp(max=Q_BLOCK)  # (NQ,) real rows per block
+    # mean query of each block per query head, summed within each KV-head group: (B, Hkv, NQ, D)
+    qm = reduce(qf, "b (h g) (n q) d -> b h n d", "sum", h=hkv, q=Q_BLOCK) / rows_in[:, None]
     rep = block_representatives(k, prompt_len, block_size, n_blocks_host).float()  # (B, Hkv, NBp, D)
     scores = torch.einsum("bhnd,bhkd->bnk", qm, rep)  # (B, NQ, NBp): one set per query block
     n_blocks_row = (prompt_len + block_size - 1) // block_size
@@ -67,7 +65,7 @@ def prefill_mask_mod(block_keep, token_keep, valid, block_size: int):
 def prefill_block_mask(block_keep, token_keep, valid, block_size: int, n_rows: int) -> BlockMask:
     """BlockMask with a block list per query block (full: kept blocks of valid keys; partial: sinks, ragged)."""
     vc, tc = block_counts(token_keep[:, None, :], valid, block_size)  # (B, 1, NB) each
-    lists = _block_lists_fn(block_keep.device)(block_keep, vc, tc, block_size, 1, 1)  # (B, NQ, 1[, W])
+    lists = compiled_on_cuda(block_lists)(block_keep, vc, tc, block_size, 1, 1)  # (B, NQ, 1[, W])
     lists = [rearrange(x, "b n 1 ... -> b 1 n ...").contiguous() for x in lists]  # (B, 1, NQ[, W])
     return BlockMask.from_kv_blocks(
         *lists, BLOCK_SIZE=(Q_BLOCK, block_size), mask_mod=prefill_mask_mod(block_keep, token_keep, valid, block_size),
