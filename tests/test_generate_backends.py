@@ -67,3 +67,54 @@ def test_many_lengths_and_batches_do_not_exhaust_recompiles():
             for cfg in (FocusConfig(block_size=16, backend="flex"), FocusConfig.fast(block_size=16, backend="flex")):
                 out = generate(model, ids, gen_length=32, block_length=16, steps=16, mode="focus", focus=cfg)
                 assert out.sequences.shape == (ids.shape[0], n + 32)
+
+
+def _fp32_model(arch):
+    cfg = focusdllm.ModelConfig.from_name(f"{arch}-tiny").with_(d_model=128, n_layers=6, n_heads=4,
+                                                                n_kv_heads=4 if arch == "llada" else 2)
+    return focusdllm.models.init_random(focusdllm.DiffusionLM(cfg).cuda(), seed=2).eval()
+
+
+_GRAPH_MODES = [("fastdllm", {"cache": "dual"}), ("fastdllm", {"cache": "prefix"}),
+                ("focus", {"focus": _focus("flex")}), ("focus", {"focus": _focus("torch", reuse_prompt_kv=True)})]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_whole_step_graphs_equal_eager_fp32(arch):
+    """Whole in-block steps captured as CUDA graphs (rows + network + sampling + commit) give the eager tokens
+    in fp32 (TF32 off, so only summation order could differ), for every cached policy."""
+    model = _fp32_model(arch)
+    ids = _case(model, 1, 700)
+    kw = dict(gen_length=64, block_length=16, steps=32)
+    with torch.backends.cuda.matmul.flags(allow_tf32=False):
+        for mode, extra in _GRAPH_MODES:
+            eager = generate(model, ids, mode=mode, **extra, **kw)
+            graphed = generate(model, ids, mode=mode, cuda_graphs=True, **extra, **kw)
+            assert graphed.stats["cuda_graphs"] == "step"
+            assert torch.equal(eager.sequences, graphed.sequences), (mode, extra)
+
+
+@pytest.mark.gpu
+def test_whole_step_graphs_catch_stale_state(monkeypatch):
+    """Planted bug: a block start that rebinds the mask instead of updating it in place leaves the captured
+    steps reading the first block's mask; the equality above must then fail."""
+    from focusdllm.decode.step import DecodeState
+
+    def rebinding_start(self, blk, mask_id):
+        bl = self.slots.shape[1]
+        self.block = blk
+        self.block_start = self.canvas.prompt_len + blk * bl
+        self.slots = self.block_start[:, None] + torch.arange(bl, device=self.slots.device)
+        self.masked = torch.gather(self.canvas.x, 1, self.slots) == mask_id
+        self.conf_buf = torch.zeros_like(self.conf_buf)
+
+    model = _fp32_model("llada")
+    ids = _case(model, 1, 700)
+    kw = dict(gen_length=64, block_length=16, steps=32, mode="focus", focus=_focus("torch"))
+    with torch.backends.cuda.matmul.flags(allow_tf32=False):
+        eager = generate(model, ids, **kw)
+        monkeypatch.setattr(DecodeState, "start_block", rebinding_start)
+        assert torch.equal(generate(model, ids, **kw).sequences, eager.sequences)  # eager does not care
+        graphed = generate(model, ids, cuda_graphs=True, **kw)
+    assert not torch.equal(graphed.sequences, eager.sequences)

@@ -18,7 +18,8 @@ from ..config import ConfigError, FocusConfig
 from ..focus.indicator import StepRows, build_rows, dense_rows, focus_positions, grow_windows, response_rows
 from ..models.transformer import DiffusionLM
 from . import schedule as S
-from .forward import Canvas, SparsePlan, StepStats, full_forward, row_forward
+from .forward import Canvas, SparsePlan, StepStats, row_forward
+from .step import DecodeState, StepRunner
 from .validate import make_canvas, validate_args
 
 
@@ -42,8 +43,12 @@ class Policy:
     cached = False
     sparse: SparsePlan | None = None
 
-    def rows(self, t: int, state: dict) -> StepRows | None:
+    def rows(self, t: int, st: DecodeState) -> StepRows | None:
         return None  # None = full forward
+
+    def step_key(self, t: int, st: DecodeState) -> tuple:
+        """Host values `rows(t, st)` depends on besides the schedule (decode/graphs.py keys graphs by them)."""
+        return ()
 
 
 class CachePolicy(Policy):
@@ -54,11 +59,16 @@ class CachePolicy(Policy):
     def __init__(self, cache: str, shift: int, gen_length: int, block_length: int):
         self.cache, self.shift, self.g, self.bl = cache, shift, gen_length, block_length
 
+    def _suffix(self, st):
+        return self.g - (st.block + 1) * self.bl if self.cache == "prefix" else 0
+
     def rows(self, t, st):
         if t == 0:
             return None
-        suffix = self.g - (st["block"] + 1) * self.bl if self.cache == "prefix" else 0
-        return dense_rows(st["block_start"], st["row_len"], st["masked"], self.shift, suffix)
+        return dense_rows(st.block_start, st.row_len, st.masked, self.shift, self._suffix(st))
+
+    def step_key(self, t, st):
+        return (self._suffix(st),)
 
 
 class FocusPolicy(CachePolicy):
@@ -69,17 +79,20 @@ class FocusPolicy(CachePolicy):
         self.cfg, self.sparse, self.rule = cfg, plan, rule
         self.radius = cfg.window // 2 if cfg.window_past_block else 0
 
+    def step_key(self, t, st):
+        return ()  # the row count follows the schedule alone (fixed rule)
+
     def rows(self, t, st):
         if t == 0:
-            every, blk = self.cfg.prompt_refresh_every, st["block"]
+            every, blk = self.cfg.prompt_refresh_every, st.block
             if self.cfg.reuse_prompt_kv and blk > 0 and (every == 0 or blk % every):
-                return response_rows(st["prompt_len"], st["row_len"], st["masked"], blk, self.shift, self.g)
+                return response_rows(st.prompt_len, st.row_len, st.masked, blk, self.shift, self.g)
             return None
-        masked, conf, bl = st["masked"], st["conf_buf"], self.bl
+        masked, conf, bl = st.masked, st.conf_buf, self.bl
         kind, arg = self.rule
         if kind == "fixed":
-            n_focus = torch.full_like(st["block_start"], st["sched"][t])
-            host_nf = st["sched"][t] + self.cfg.extra_focus
+            n_focus = torch.full_like(st.block_start, st.sched[t])
+            host_nf = st.sched[t] + self.cfg.extra_focus
         elif kind == "threshold":
             n_focus = ((conf >= arg) & masked).sum(-1).clamp(min=1)
             host_nf = None
@@ -99,7 +112,7 @@ class FocusPolicy(CachePolicy):
         if host_nf is not None:
             n_rows = min(w, max(1, host_nf) * (self.cfg.window + self.shift))
         return build_rows(
-            st["block_start"], st["row_len"], active, masked, focus_b, self.radius, self.shift, n_rows
+            st.block_start, st.row_len, active, masked, focus_b, self.radius, self.shift, n_rows
         )
 
 
@@ -155,9 +168,10 @@ def generate(
         callback: called as callback(step, x, info) after every step; x is (B, L + G).
         progress: show a tqdm bar over steps.
         timing: synchronize around every forward to report ms per refresh / step.
-        cuda_graphs: replay in-block steps as CUDA graphs (one per row count; CUDA only, no callback
-            selection recording). Same kernels, so tokens match up to cuBLAS algorithm choice under
-            capture (bf16 near-ties); launch overhead goes away.
+        cuda_graphs: replay in-block steps as CUDA graphs (CUDA only). Fixed-count greedy steps without a
+            callback are captured whole (rows, network, LM head, sampling, commit: no launches from Python,
+            stats["cuda_graphs"] == "step"); otherwise only the row forward is ("forward"). Same kernels,
+            so tokens match up to cuBLAS algorithm choice under capture (bf16 near-ties).
     Returns:
         GenerateOutput with sequences, nfe and stats.
     """
@@ -198,90 +212,57 @@ def generate(
             policy = FocusPolicy(focus, shift, gen_length, block_length, plan, rule)
 
     stats = StepStats(density_sum=torch.zeros(cfg.n_layers, device=dev))
-    graphs = None
+    st = DecodeState(
+        canvas, 0, torch.zeros_like(canvas.prompt_len), torch.zeros(bsz, block_length, dtype=torch.long, device=dev),
+        torch.zeros(bsz, block_length, dtype=torch.bool, device=dev),
+        torch.zeros(bsz, block_length, dtype=torch.float64, device=dev), S.num_transfer_tokens(block_length, spb),
+    )
+    runner = StepRunner(model, kv, policy, stats, row_forward, mask_id, shift, temperature, remasking,
+                        gens if needs_gen else None, rule)
+    step = runner
     if cuda_graphs:
-        from .graphs import GraphedRowForward
+        from .graphs import GraphedRowForward, GraphedSteps
 
         if dev.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device; pass cuda_graphs=False")
         if mode == "vanilla":
             raise ValueError("cuda_graphs applies to cached modes (fastdllm, focus), not mode='vanilla'")
-        graphs = GraphedRowForward()
+        runner.forward = GraphedRowForward()
+        # whole in-block steps (rows, network, sampling, commit) as one graph where the step has no host sync
+        step = GraphedSteps(runner) if callback is None else runner
     times = {"refresh": [], "step": [], "full": []}
     nfe = refreshes = 0
     bar = tqdm(total=n_blocks * spb, disable=not progress, desc=f"{mode} decode", unit="step")
     _sync(dev)
     t_start = time.perf_counter()
-    ar = torch.arange(block_length, device=dev)
     for blk in range(n_blocks):
-        block_start = canvas.prompt_len + blk * block_length  # (B,)
-        slots = block_start[:, None] + ar  # (B, bl)
-        masked = torch.gather(canvas.x, 1, slots) == mask_id
-        st = {
-            "block": blk, "block_start": block_start, "row_len": canvas.row_len, "masked": masked,
-            "prompt_len": canvas.prompt_len,
-            "conf_buf": torch.zeros(bsz, block_length, dtype=torch.float64, device=dev),
-            "sched": S.num_transfer_tokens(block_length, spb),
-        }
+        st.start_block(blk, mask_id)
         t = 0
         while True:
             if rule[0] == "fixed" and t >= spb:
                 break
-            if rule[0] != "fixed" and not bool(st["masked"].any()):
+            if rule[0] != "fixed" and not bool(st.masked.any()):
                 break
             if timing:
                 _sync(dev)
                 t0 = time.perf_counter()
-            rows = policy.rows(t, st)
-            if rows is None:
-                h = full_forward(model, canvas, kv, getattr(policy, "sparse", None))
-                src_slots = (slots - shift).clamp(min=0)
-                hsrc = torch.gather(h, 1, src_slots[..., None].expand(-1, -1, h.shape[-1]))
-                cand = st["masked"]
-                kind = "full" if not policy.cached else "refresh"
-                refreshes += policy.cached
-            else:
-                plan = None if rows.dense else policy.sparse
-                h, dens = (graphs or row_forward)(model, canvas, kv, rows, plan)
-                if plan is not None:
-                    stats.density_sum += dens
-                    stats.sparse_steps += 1
-                hsrc = torch.gather(h, 1, rows.src[..., None].expand(-1, -1, h.shape[-1]))
-                cand = st["masked"] & rows.cand
-                if rows.dense:
-                    kind = "refresh"
-                    refreshes += 1
-                else:
-                    stats.active_rows += int(rows.rows.shape[1])
-                    stats.row_steps += 1
-                    kind = "step"
-            logits = model.logits(hsrc).float()  # (B, bl, V): only the current block's rows
-            # threshold / factor: a row whose block is done draws no noise (batch invariance); fixed count
-            # keeps every row in step, so no host sync is needed there
-            draw = cand.any(-1).tolist() if needs_gen and rule[0] != "fixed" and bsz > 1 else None
-            x0, conf = S.sample_tokens(logits, mask_id, temperature, remasking, gens if needs_gen else None, draw)
-            if rule[0] == "fixed":
-                k = torch.full((bsz,), st["sched"][t], device=dev)
-                transfer = S.transfer_fixed(conf, cand, k)
-            elif rule[0] == "threshold":
-                transfer = S.transfer_threshold(conf, cand, rule[1])
-            else:
-                transfer = S.transfer_factor(conf, cand, rule[1])
-            cur = torch.gather(canvas.x, 1, slots)
-            canvas.x.scatter_(1, slots, torch.where(transfer, x0, cur))
-            st["masked"] = st["masked"] & ~transfer
-            st["conf_buf"] = torch.where(cand, conf, st["conf_buf"])
+            res = step(st, t)
+            refreshes += res.kind == "refresh"
+            if res.kind == "step":
+                stats.active_rows += res.n_rows
+                stats.row_steps += 1
+                stats.sparse_steps += policy.sparse is not None
             nfe += 1
             if timing:
                 _sync(dev)
-                times[kind].append((time.perf_counter() - t0) * 1e3)
+                times[res.kind].append((time.perf_counter() - t0) * 1e3)
             if callback is not None:
                 info = {
-                    "block": blk, "step_in_block": t, "kind": kind, "decoded": transfer,
-                    "confidence": conf, "candidates": cand,
-                    "rows": None if rows is None else rows.rows + pad_left[:, None],
+                    "block": blk, "step_in_block": t, "kind": res.kind, "decoded": res.transfer,
+                    "confidence": res.conf, "candidates": res.cand,
+                    "rows": None if res.rows is None else res.rows.rows + pad_left[:, None],
                 }
-                if policy.sparse is not None and rows is not None:
+                if policy.sparse is not None and res.rows is not None:
                     info.update(policy.sparse.last)
                 callback(nfe - 1, _user_layout(input_ids, canvas), info)
             t += 1
@@ -293,6 +274,8 @@ def generate(
     stats_d = _stats(stats, nfe, refreshes, elapsed, bsz * gen_length, times, policy, dev)
     # Fast-dLLM's speed report counts only non-EOS answer tokens; give both so either can be quoted
     stats_d["non_eos_tokens"] = int((out[:, input_ids.shape[1]:] != eos_id).sum())
+    if cuda_graphs:
+        stats_d["cuda_graphs"] = "step" if getattr(step, "graphs", None) else "forward"
     return GenerateOutput(out, nfe, stats_d)
 
 

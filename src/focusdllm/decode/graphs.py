@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the in-block row step (one graph per row count and plan).
+"""CUDA-graph replay of the in-block step: the row forward alone, or the whole step (`GraphedSteps`).
 
 An in-block step of an 8B model is a few milliseconds of GPU work spread over ~1500 small kernels;
 launching them from Python costs as much again. `row_forward` has static shapes for a given row count
@@ -7,6 +7,8 @@ tensors) lives at fixed addresses, so the whole step is captured once and replay
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -53,3 +55,36 @@ class GraphedRowForward:
         with torch.cuda.graph(graph, pool=self.pool):
             out = row_forward(model, canvas, cache, static, plan)
         return graph, static, out
+
+
+class GraphedSteps:
+    """Drop-in for a `StepRunner` that captures whole in-block steps (rows, network, LM head, sampling,
+    commit) as one CUDA graph per `runner.graph_key`; steps without a key (refreshes, host-synced rules)
+    run through the runner as before.
+
+    A step mutates the decode state (it commits tokens), so it is not idempotent: the first step of a key
+    runs eagerly (the real step, and the warm-up of compiled code and allocator), then the same step is
+    recorded without running (capture records kernels only), and later steps of that key replay it.
+    """
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.plain = dataclasses.replace(runner, forward=row_forward)  # no nested capture
+        self.graphs: dict = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, st, t: int):
+        key = self.runner.graph_key(st, t)
+        if key is None:
+            return self.runner(st, t)
+        entry = self.graphs.get(key)
+        if entry is not None:
+            graph, res = entry
+            graph.replay()
+            return res
+        res = self.plain(st, t)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            captured = self.plain(st, t)
+        self.graphs[key] = (graph, captured)
+        return res
