@@ -33,3 +33,23 @@ def test_fused_refuses_silent_eager_fallback(fused_model):
     ids = torch.randint(0, 100, (1, 12))
     with torch.compiler.set_stance("force_eager"), pytest.raises(RuntimeError, match="ran eagerly"):
         m(ids)
+
+
+def test_packed_weights_are_views_and_follow_replaced_parameters(fused_model):
+    """fuse() packs q/k/v and gate/up into one tensor each without copies (the parameters become its views, the
+    state_dict keeps its names); a parameter replaced afterwards (e.g. by model.to) is packed again, not ignored."""
+    m = fused_model
+    keys = set(m.state_dict())
+    n_bytes = sum(p.numel() for p in m.parameters())
+    m.fuse()
+    blk = m.blocks[0]
+    assert set(m.state_dict()) == keys and sum(p.numel() for p in m.parameters()) == n_bytes
+    w = blk._packed_qkv_weight
+    assert blk.k_proj.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+    assert torch.equal(w[blk.q_proj.weight.shape[0]:][: blk.k_proj.weight.shape[0]], blk.k_proj.weight)
+    ids = torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        blk.up_proj.weight = torch.nn.Parameter(blk.up_proj.weight * 1.5)  # no longer a view of the pack
+        fused_out = m(ids)
+        m.fuse(False)
+        assert (fused_out - m(ids)).abs().max() < 1e-4

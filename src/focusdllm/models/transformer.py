@@ -120,9 +120,12 @@ class DiffusionLM(nn.Module):
         self.rope = Rotary(cfg.head_dim, cfg.rope_theta * cfg.rope_scaling, cfg.rope_fp32)
 
     def fuse(self, enabled: bool = True) -> DiffusionLM:
-        """Run every block's elementwise work through compiled kernels (models/fused.py)."""
+        """Run every block's elementwise work through compiled kernels and pack its q/k/v and gate/up weights
+        into one GEMM each (models/fused.py)."""
         for blk in self.blocks:
             blk.fused = enabled
+            if enabled:
+                fused.packed(blk, "qkv"), fused.packed(blk, "qkv", "bias"), fused.packed(blk, "gu")
         return self
 
     @property
