@@ -85,7 +85,7 @@ def profile_breakdown(events, wall_s: float, n_steps: int, device: torch.device)
         "cpu_overhead_ms_per_step": None if busy_us is None else (wall_ms - busy_us / 1e3) / n_steps,
         "top_kernels": [
             {"name": k[:160], "ms_per_step": v[0] / 1e3 / n_steps, "calls_per_step": v[1] / n_steps, "category": v[2]}
-            for k, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]
+            for k, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]
         ],
     }
     if busy_us is not None and busy_us > 0:
@@ -94,22 +94,28 @@ def profile_breakdown(events, wall_s: float, n_steps: int, device: torch.device)
 
 
 def profile_mode(model, ids, kw: dict, args, common: dict, n_steps: int = 3) -> dict:
-    """torch.profiler over in-block steps 1..n_steps of block 0 (after its refresh), with timing=True so
-    every step is bracketed by synchronizes; the profiler starts after the refresh has finished."""
+    """torch.profiler over in-block steps 1..n_steps of block 1 (block 0 has captured every CUDA graph a
+    step needs), with timing=True so every step is bracketed by synchronizes; the profiler starts after
+    the block's refresh has finished."""
     from torch.profiler import ProfilerActivity, profile
 
     dev = ids.device
-    run_steps(model, ids, kw, common, warm=n_steps + 1, measure=0)  # warm-up, same shapes
+    spb = common["steps"] // (common["gen_length"] // common["block_length"])
+    if spb <= n_steps:
+        raise RuntimeError(f"profiling needs more than {n_steps} steps per block (got {spb})")
+    run_steps(model, ids, kw, common, warm=spb + n_steps + 1, measure=0)  # warm-up, same shapes
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     prof = profile(activities=acts)
     marks: dict[str, float] = {}
 
     def cb(step, x, info):
-        if step == 0:  # the refresh is done (synced by timing=True)
+        if info["block"] == 0:
+            return
+        if info["step_in_block"] == 0:  # the refresh is done (synced by timing=True)
             prof.start()
             sync(dev)
             marks["t0"] = time.perf_counter()
-        elif step == n_steps:
+        elif info["step_in_block"] == n_steps:
             sync(dev)
             marks["t1"] = time.perf_counter()
             prof.stop()

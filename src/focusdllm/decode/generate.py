@@ -168,8 +168,8 @@ def generate(
         callback: called as callback(step, x, info) after every step; x is (B, L + G).
         progress: show a tqdm bar over steps.
         timing: synchronize around every forward to report ms per refresh / step.
-        cuda_graphs: replay in-block steps as CUDA graphs (CUDA only). Fixed-count greedy steps without a
-            callback are captured whole (rows, network, LM head, sampling, commit: no launches from Python,
+        cuda_graphs: replay in-block steps as CUDA graphs (CUDA only). Fixed-count greedy steps are captured
+            whole (rows, network, LM head, sampling, commit: no launches from Python,
             stats["cuda_graphs"] == "step"); otherwise only the row forward is ("forward"). Same kernels,
             so tokens match up to cuBLAS algorithm choice under capture (bf16 near-ties).
     Returns:
@@ -228,8 +228,7 @@ def generate(
         if mode == "vanilla":
             raise ValueError("cuda_graphs applies to cached modes (fastdllm, focus), not mode='vanilla'")
         runner.forward = GraphedRowForward()
-        # whole in-block steps (rows, network, sampling, commit) as one graph where the step has no host sync
-        step = GraphedSteps(runner) if callback is None else runner
+        step = GraphedSteps(runner)  # whole in-block steps as one graph where the step has no host sync
     times = {"refresh": [], "step": [], "full": []}
     nfe = refreshes = 0
     bar = tqdm(total=n_blocks * spb, disable=not progress, desc=f"{mode} decode", unit="step")
@@ -257,9 +256,9 @@ def generate(
                 _sync(dev)
                 times[res.kind].append((time.perf_counter() - t0) * 1e3)
             if callback is not None:
-                info = {
-                    "block": blk, "step_in_block": t, "kind": res.kind, "decoded": res.transfer,
-                    "confidence": res.conf, "candidates": res.cand,
+                info = {  # copies: a replayed graph overwrites its outputs at the next step
+                    "block": blk, "step_in_block": t, "kind": res.kind, "decoded": res.transfer.clone(),
+                    "confidence": res.conf.clone(), "candidates": res.cand.clone(),
                     "rows": None if res.rows is None else res.rows.rows + pad_left[:, None],
                 }
                 if policy.sparse is not None and res.rows is not None:
@@ -275,7 +274,7 @@ def generate(
     # Fast-dLLM's speed report counts only non-EOS answer tokens; give both so either can be quoted
     stats_d["non_eos_tokens"] = int((out[:, input_ids.shape[1]:] != eos_id).sum())
     if cuda_graphs:
-        stats_d["cuda_graphs"] = "step" if getattr(step, "graphs", None) else "forward"
+        stats_d["cuda_graphs"] = "step" if step.graphs else "forward"
     return GenerateOutput(out, nfe, stats_d)
 
 
