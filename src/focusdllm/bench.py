@@ -45,7 +45,7 @@ from .bench_env import (  # noqa: F401
     sync,
     write_report,
 )
-from .bench_profile import profile_mode
+from .bench_profile import profile_mode, profile_prefill
 from .config import FocusConfig
 from .decode.generate import generate
 
@@ -346,6 +346,11 @@ def main(argv=None) -> int:
             log(f"profile ctx={ctx} {name}")
             try:
                 res = profile_mode(model, ids, kw, args, common)
+                if not graphed:
+                    pf = res["prefill"] = profile_prefill(model, ids, kw, common)
+                    log(f"profile {name} prefill: wall {pf['wall_ms_per_step']:.1f} ms, attention "
+                        f"{pf['attention_ms_per_step']:.1f}, linear {pf['linear_ms_per_step']:.1f}, "
+                        f"other {pf['other_ms_per_step']:.1f}")
                 log(f"profile {name}: wall {res['wall_ms_per_step']:.2f} ms/step, attention "
                     f"{res['attention_ms_per_step']:.2f}, linear {res['linear_ms_per_step']:.2f}, other "
                     f"{res['other_ms_per_step']:.2f}, cpu overhead {res['cpu_overhead_ms_per_step']}")

@@ -132,3 +132,20 @@ def profile_mode(model, ids, kw: dict, args, common: dict, n_steps: int = 3) -> 
     res["note"] = "profiler overhead inflates CPU time; compare wall_ms_per_step with the unprofiled ms_per_step"
     return res
 
+
+
+def profile_prefill(model, ids, kw: dict, common: dict) -> dict:
+    """torch.profiler over the first refresh (the prefill: step 0 of block 0), after a warm-up one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = ids.device
+    run_steps(model, ids, kw, common, warm=1, measure=0)  # compiles the prefill's shapes
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        sync(dev)
+        t0 = time.perf_counter()
+        run_steps(model, ids, kw, common, warm=1, measure=0)  # stops after step 0 has finished on the device
+        wall = time.perf_counter() - t0
+    res = profile_breakdown(prof.events(), wall, 1, dev)
+    res["note"] = "one prefill (canvas set-up and KV allocation included); profiler overhead inflates CPU time"
+    return res
