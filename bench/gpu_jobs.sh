@@ -18,8 +18,9 @@ case "${1:-}" in
   e2e-4k-16k)
     bench --model llada-8b --contexts 4096 8192 16384 --max-seconds 480 --out "$OUT/e2e_4k-16k.json" 2>&1 | quiet > "$OUT/e2e_4k-16k.log" ;;
   e2e-32k)  # every mode at 32K in one run, with the step profile
-    bench --model llada-8b --contexts 32768 --modes vanilla fastdllm-dual fastdllm-prefix focus focus+reuse \
-      focus+reuse+sparse focus+reuse+slim+sparse --profile --max-seconds 420 --out "$OUT/e2e_32k.json" 2>&1 | quiet > "$OUT/e2e_32k.log" ;;
+    bench --model llada-8b --contexts 32768 --modes vanilla fastdllm-dual fastdllm-prefix focus focus+reuse focus+reuse+slim \
+      focus+reuse+sparse focus+reuse+slim+sparse --profile \
+      --profile-modes fastdllm-dual focus focus+reuse+slim+sparse --max-seconds 420 --out "$OUT/e2e_32k.json" 2>&1 | quiet > "$OUT/e2e_32k.log" ;;
   e2e-64k)
     bench --model llada-8b --contexts 65536 --modes vanilla fastdllm-dual focus focus+reuse+sparse \
       focus+reuse+slim+sparse --max-seconds 400 --out "$OUT/e2e_64k.json" 2>&1 | quiet > "$OUT/e2e_64k.log" ;;
