@@ -53,3 +53,20 @@ def test_packed_weights_are_views_and_follow_replaced_parameters(fused_model):
         fused_out = m(ids)
         m.fuse(False)
         assert (fused_out - m(ids)).abs().max() < 1e-4
+
+
+def test_query_rows_equal_the_rows_of_full_queries(fused_model):
+    """qkv(q_rows=...) (the SlimInfer-pruned prefill: queries of kept rows only) gives exactly those rows of the
+    full q, and the same k, v, fused and eager."""
+    m = fused_model
+    blk = m.blocks[1]
+    x = torch.randn(2, 30, m.config.d_model, generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(30).expand(2, -1)
+    cos, sin = m.rope.cos_sin(pos, x.dtype)
+    rows = torch.tensor([[0, 3, 4, 17, 29], [1, 2, 2, 20, 28]])
+    for fuse in (False, True):
+        m.fuse(fuse)
+        q, k, v = blk.qkv(x, m.rope, cos, sin)
+        qr, kr, vr = blk.qkv(x, m.rope, cos, sin, q_rows=rows)
+        want = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        assert (qr - want).abs().max() < 1e-5 and (kr - k).abs().max() < 1e-5 and (vr - v).abs().max() < 1e-5

@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-modes", nargs="+", default=["fastdllm-dual", "focus"])
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="eager blocks (default on CUDA: model.fuse(), compiled norm/RoPE/MLP elementwise work)")
+    p.add_argument("--dynamic-shapes", action="store_true",
+                   help="keep torch.compile's automatic dynamic shapes (default: static kernels per shape)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run in-block steps eagerly (default on CUDA: CUDA-graph replay of cached-mode steps)")
     p.add_argument("--max-seconds", type=float, default=None,
@@ -237,8 +239,12 @@ def main(argv=None) -> int:
     modes = args.modes or default_modes()
     for m in modes:
         mode_kwargs(m)  # raises on unknown names
-    # One compiled flex variant per KV capacity (context): allow more than the default 8.
+    # One compiled variant per shape (context, rows per step): allow more than the default 8, and keep every
+    # variant static. The library default (automatic dynamic shapes: a second shape recompiles with symbolic
+    # sizes) suits serving many lengths, but its kernels are slower (e.g. block top-K falls back from a fused
+    # Triton sort to a radix sort: ~0.7 ms per 32K step), and which modes ran first would change the timings.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.automatic_dynamic_shapes = args.dynamic_shapes
     if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
 
@@ -273,7 +279,7 @@ def main(argv=None) -> int:
             "fused_blocks": bool(args.fuse and dev.type == "cuda"),
             "cuda_graphs": bool(args.cuda_graphs and dev.type == "cuda"),
             "torch_threads": torch.get_num_threads(), "vanilla_steps": args.vanilla_steps,
-            "vanilla_full_max_context": args.vanilla_full_max_context,
+            "vanilla_full_max_context": args.vanilla_full_max_context, "dynamic_shapes": args.dynamic_shapes,
             "copy_bandwidth_gbs": bw,
         },
         "command": " ".join([sys.executable, "-m", "focusdllm.bench", *(argv if argv is not None else sys.argv[1:])]),

@@ -113,26 +113,25 @@ def full_forward(model: DiffusionLM, canvas: Canvas, cache: KVCache | None, rep_
     keep = None  # (B, N) rows still computed after the prune layer (focus/prefill.py)
     token_keep = None  # (B, Cap) sinks + response keys of the sparse prefill
     for i, blk in enumerate(model.blocks):
-        q, k, v = blk.qkv(h, model.rope, cos, sin)
+        q, k, v = blk.qkv(h, model.rope, cos, sin, q_rows=keep)  # pruned rows: keys and values only
         if cache is not None:
             cache.write_prefix(i, k, v)
             if plan is not None and i > plan.sink_layer:
                 rep = block_bounds if plan.block_score == "bound" else block_representatives
                 cache.block_rep[i] = rep(cache.k[i], canvas.prompt_len, plan.block_size, plan.n_blocks_host)
-        qx = q if keep is None else q.gather(2, keep[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
         if token_keep is not None:  # block-sparse prompt queries against the cache
             rows = pos if keep is None else keep
-            bk = query_block_keep(qx, cache.k[i], rows, canvas.prompt_len, plan.n_keep_prefill, plan.prefill_band,
+            bk = query_block_keep(q, cache.k[i], rows, canvas.prompt_len, plan.n_keep_prefill, plan.prefill_band,
                                   plan.block_size, plan.n_blocks_host, canvas.valid.shape[1])
-            o = sparse_prefill_attention(qx, cache.k[i], cache.v[i], bk, token_keep, canvas.valid,
+            o = sparse_prefill_attention(q, cache.k[i], cache.v[i], bk, token_keep, canvas.valid,
                                          plan.block_size, plan.prefill_backend)
         else:
-            o = dense_attention(qx, k, v, valid)
+            o = dense_attention(q, k, v, valid)
         if keep is None:
             h = blk.finish(h, o)
         else:  # pruned prompt rows: K/V from their frozen hidden state, no attention or MLP
             idx = keep[..., None].expand(-1, -1, h.shape[-1])  # (B, N, C)
-            h = h.scatter(1, idx, blk.finish(h.gather(1, idx), o))
+            h.scatter_(1, idx, blk.finish(h.gather(1, idx), o))
         if (prune or sparse) and i == plan.prefill_layer:
             imp = response_importance(q, k, canvas.prompt_len, canvas.gen_length, canvas.prompt_host)
             if prune:

@@ -33,13 +33,29 @@ def _rope(x, cos, sin):
     return (xr * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
 
 
-def qkv_fn(x, nw, eps, w_qkv, b_qkv, cos, sin, hq: int, hkv: int):
-    """x (B, T, C) -> post-RoPE q (B, Hq, T, D), k, v (B, Hkv, T, D); w_qkv = [wq; wk; wv]."""
+def take_rows(h, cos, sin, rows):
+    """The normed hidden states (B, T, C) and RoPE tables (B, 1, T, D) of `rows` (B, N) only."""
+    hr = h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))  # (B, N, C)
+    idx = rows[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])  # (B, 1, N, D)
+    return hr, cos.gather(2, idx), sin.gather(2, idx)
+
+
+def qkv_fn(x, nw, eps, w_qkv, b_qkv, cos, sin, hq: int, hkv: int, q_rows=None):
+    """x (B, T, C) -> post-RoPE q (B, Hq, T, D), k, v (B, Hkv, T, D); w_qkv = [wq; wk; wv].
+
+    q_rows (B, N): queries of these rows only (B, Hq, N, D) (SlimInfer-pruned rows need keys, not queries)."""
     b, t, _ = x.shape
     h = _norm(x, nw, eps)
-    qkv = F.linear(h, w_qkv, b_qkv).view(b, t, hq + 2 * hkv, -1).transpose(1, 2)  # (B, Hq + 2 Hkv, T, D)
-    q, k, v = qkv.split([hq, hkv, hkv], 1)
-    return _rope(q, cos, sin), _rope(k, cos, sin), v.contiguous()
+    if q_rows is None:
+        qkv = F.linear(h, w_qkv, b_qkv).view(b, t, hq + 2 * hkv, -1).transpose(1, 2)  # (B, Hq + 2 Hkv, T, D)
+        q, k, v = qkv.split([hq, hkv, hkv], 1)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v.contiguous()
+    dq = hq * (w_qkv.shape[0] // (hq + 2 * hkv))
+    bq, bkv = (None, None) if b_qkv is None else (b_qkv[:dq], b_qkv[dq:])
+    k, v = F.linear(h, w_qkv[dq:], bkv).view(b, t, 2 * hkv, -1).transpose(1, 2).split([hkv, hkv], 1)
+    hr, cr, sr = take_rows(h, cos, sin, q_rows)
+    q = F.linear(hr, w_qkv[:dq], bq).view(b, q_rows.shape[1], hq, -1).transpose(1, 2)  # (B, Hq, N, D)
+    return _rope(q, cr, sr), _rope(k, cos, sin), v.contiguous()
 
 
 def finish_fn(x, attn, wo, nw, eps, w_gu, wd):
@@ -81,10 +97,10 @@ def compiled():
     return (torch.compile(flagged(qkv_fn), fullgraph=True), torch.compile(flagged(finish_fn), fullgraph=True))
 
 
-def block_qkv(blk, x, cos, sin):
+def block_qkv(blk, x, cos, sin, q_rows=None):
     qkv, _ = compiled()
     return run_checked(qkv, x, blk.attn_norm.weight, blk.attn_norm.eps, packed(blk, "qkv"),
-                       packed(blk, "qkv", "bias"), cos, sin, blk.n_heads, blk.n_kv_heads)
+                       packed(blk, "qkv", "bias"), cos, sin, blk.n_heads, blk.n_kv_heads, q_rows)
 
 
 def block_finish(blk, x, attn):

@@ -80,15 +80,19 @@ class Block(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_hidden, d, bias=False)
         self.fused = False  # models/fused.py: compiled halves, see DiffusionLM.fuse
 
-    def qkv(self, x, rope: Rotary, cos, sin):
-        """x (B, T, C) -> q (B, Hq, T, D), k, v (B, Hkv, T, D); q and k rotated (post-RoPE)."""
+    def qkv(self, x, rope: Rotary, cos, sin, q_rows: torch.Tensor | None = None):
+        """x (B, T, C) -> q (B, Hq, T, D), k, v (B, Hkv, T, D); q and k rotated (post-RoPE).
+
+        q_rows (B, N): compute queries for these rows only (q is then (B, Hq, N, D)); keys and values for all.
+        """
         if self.fused:
-            return fused.block_qkv(self, x, cos, sin)
+            return fused.block_qkv(self, x, cos, sin, q_rows)
         h = self.attn_norm(x)
-        q = rearrange(self.q_proj(h), "b t (h d) -> b h t d", h=self.n_heads)
+        hq, cq, sq = (h, cos, sin) if q_rows is None else fused.take_rows(h, cos, sin, q_rows)
+        q = rearrange(self.q_proj(hq), "b t (h d) -> b h t d", h=self.n_heads)
         k = rearrange(self.k_proj(h), "b t (h d) -> b h t d", h=self.n_kv_heads)
         v = rearrange(self.v_proj(h), "b t (h d) -> b h t d", h=self.n_kv_heads)
-        return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v
+        return rope.apply(q, cq, sq), rope.apply(k, cos, sin), v
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """attn (B, Hq, T, D) -> residual + output projection, then the SwiGLU MLP."""
