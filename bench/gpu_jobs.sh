@@ -25,8 +25,8 @@ case "${1:-}" in
     bench --model llada-8b --contexts 65536 --modes vanilla fastdllm-dual focus focus+reuse+sparse \
       focus+reuse+slim+sparse --max-seconds 400 --out "$OUT/e2e_64k.json" 2>&1 | quiet > "$OUT/e2e_64k.log" ;;
   e2e-dream-32k)
-    bench --model dream-7b --contexts 32768 --modes fastdllm-dual focus focus+reuse focus+reuse+sparse \
-      --max-seconds 420 --out "$OUT/e2e_dream_32k.json" 2>&1 | quiet > "$OUT/e2e_dream_32k.log" ;;
+    bench --model dream-7b --contexts 32768 --modes vanilla fastdllm-dual focus focus+reuse focus+reuse+sparse \
+      focus+reuse+slim+sparse --max-seconds 420 --out "$OUT/e2e_dream_32k.json" 2>&1 | quiet > "$OUT/e2e_dream_32k.log" ;;
   ops)
     timeout 540 python -m pytest -q bench/bench_attention_ops.py -k "q32 and (0.1 or dense)" \
       --benchmark-json="$OUT/attention_ops.json" 2>&1 | quiet | tail -20 > "$OUT/attention_ops.log" ;;
