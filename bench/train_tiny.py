@@ -129,9 +129,10 @@ def copy_rows(rng: random.Random, length: int, rows: int, alphabet: int = VOCAB.
 
 
 def make_batch(rng: random.Random, length: int, rows: int, aux_frac: float = 0.0, tasks=TASKS, aux_kw=None,
-               task_weights=None):
+               task_weights=None, edge_depth: float = 0.0):
     """rows rows of `length` tokens: about aux_frac * rows copy rows, the rest random task cases
-    (drawn with `task_weights`, default uniform; prompt + answer region) -> ids (B, L), region (B, L) bool
+    (drawn with `task_weights`, default uniform; prompt + answer region; a share `edge_depth` of them with
+    the target needle at depth exactly 0 or 1, the rest at uniform depth) -> ids (B, L), region (B, L) bool
     (the positions that get masked)."""
     n_aux = min(rows, int(aux_frac * rows + rng.random()))
     ids, region = [], []
@@ -141,7 +142,8 @@ def make_batch(rng: random.Random, length: int, rows: int, aux_frac: float = 0.0
         else:
             task = tasks[rng.randrange(len(tasks))]
         gl = GEN_LENGTH[task]
-        c = generate_case(task, rng, length - gl)
+        depth = float(rng.random() < 0.5) if edge_depth and rng.random() < edge_depth else None
+        c = generate_case(task, rng, length - gl, depth=depth)
         ids.append(c["input"] + target_ids(c))
         region.append([False] * (length - gl) + [True] * gl)
     ids = torch.tensor(ids, dtype=torch.long).view(-1, length)
@@ -215,6 +217,27 @@ def run_eval(model, lengths, n, tokens_per_step, seed, max_batch_tokens, tasks=T
     return out
 
 
+def suite_eval(model, lengths, tasks, depths=5, per_depth=2, seed=1234):
+    """Dense exact match per task on the fidelity suite's case grid (`focusdllm.evaluate`: `depths` needle
+    depths 0..1 inclusive, `per_depth` cases each, case seeds `seed` + depth index), same decode."""
+    from focusdllm.evaluate import run_cases
+
+    out = []
+    for L in lengths:
+        for task in tasks:
+            cases = []
+            for di in range(depths):
+                cases += make_cases(task, per_depth, L, seed=seed + di, depth=di / max(1, depths - 1))
+            t0 = time.time()
+            preds, _ = run_cases(model, cases, ["dense"], log=lambda s: None)
+            hits = [g[: len(c["outputs"])] == c["outputs"] for c, g in zip(cases, preds["dense"])]
+            out.append({"task": task, "length": L, "acc": sum(hits) / len(hits), "n": len(hits), "seed": seed,
+                        "per_depth": per_depth, "misses_at_depth": [round(c["depth"], 2) for c, h in
+                                                                    zip(cases, hits) if not h],
+                        "secs": round(time.time() - t0, 2)})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="h100")
@@ -249,6 +272,14 @@ def main(argv=None):
     ap.add_argument("--tasks", type=lambda s: tuple(s.split(",")), default=TASKS)
     ap.add_argument("--task-weights", type=lambda s: [float(x) for x in s.split(",")], default=None,
                     help="sampling weights of --tasks in training batches (default: uniform)")
+    ap.add_argument("--edge-depth", type=float, default=0.0,
+                    help="share of task rows whose target needle sits at depth exactly 0 or 1")
+    ap.add_argument("--suite-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                    help="after training: dense exact match per task on the fidelity suite's grid (bf16 "
+                         "weights, as `focusdllm.evaluate` loads them) at these prompt lengths")
+    ap.add_argument("--suite-per-depth", type=lambda s: [int(x) for x in s.split(",")], default=[2],
+                    help="cases per depth of each suite eval: the first uses the suite's seed 1234 (its exact "
+                         "cases at 2), further ones seed 4321, 5321, ... (other cases)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", type=int, default=1000)
     ap.add_argument("--eval-tokens-per-step", type=int, default=1)
@@ -321,7 +352,8 @@ def main(argv=None):
         rows = max(1, a.batch_tokens // L)
         aux_kw = dict(alphabet=a.aux_alphabet, mmin=a.aux_chunk[0], mmax=a.aux_chunk[1],
                       src_frac=(a.aux_src[0], a.aux_src[1]), exact=a.aux_exact)
-        ids, region = make_batch(rng, L, rows, aux_fraction(p, a), a.tasks, aux_kw, a.task_weights)
+        ids, region = make_batch(rng, L, rows, aux_fraction(p, a), a.tasks, aux_kw, a.task_weights,
+                                 a.edge_depth)
         ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
         for g in opt.param_groups:
@@ -371,8 +403,16 @@ def main(argv=None):
                        a.eval_batch_tokens, a.tasks, use_generate=bool(a.final_generate))
     for r in results:
         emit({"event": "final_eval", "step": step, **r})
+    suite = []
+    if a.suite_lengths:
+        del shipped
+        bf16 = load_model(out, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev)
+        for i, pd in enumerate(a.suite_per_depth):
+            for r in suite_eval(bf16, a.suite_lengths, a.tasks, per_depth=pd, seed=1234 if i == 0 else 4321 + 1000 * i):
+                emit({"event": "suite_eval", "step": step, **r})
+                suite.append(r)
     (out / "eval.json").write_text(json.dumps({"steps": step, "train_secs": trained_s, "results": results,
-                                               "eval_secs": time.time() - te}, indent=1))
+                                               "suite": suite, "eval_secs": time.time() - te}, indent=1))
     log.close()
     return results
 
