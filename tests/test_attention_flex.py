@@ -20,6 +20,7 @@ from focusdllm.attention.flex import (
     flex_available,
     flex_sparse_attention,
     kv_block_lists,
+    mask_kv_block,
     run_flex,
 )
 from focusdllm.attention.gather import gather_attention
@@ -31,19 +32,19 @@ CAP, BS, D = 256, 32, 16
 SHAPES = [(1, 4, 4, 4, 8), (2, 4, 2, 2, 8), (2, 4, 2, 1, 8), (1, 4, 2, 2, 70), (1, 2, 2, 1, 130)]
 
 
-def make_case(seed, b, hq, hkv, hs, t, p_block=0.3, n_sinks=3, n_resp=5, dtype=torch.float32):
+def make_case(seed, b, hq, hkv, hs, t, p_block=0.3, n_sinks=3, n_resp=5, dtype=torch.float32, bs=BS):
     """Random q/k/v and a selection: blocks, sinks (in and out of kept blocks), response keys, ragged length."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, n, D, generator=g, dtype=torch.float64) for h, n in ((hq, t), (hkv, CAP), (hkv, CAP)))
     lens = torch.randint(n_resp + 1, CAP + 1, (b,), generator=g)  # non-multiple valid lengths
     valid = torch.arange(CAP)[None] < lens[:, None]  # (B, Cap)
-    block_keep = torch.rand(b, hs, CAP // BS, generator=g) < p_block
+    block_keep = torch.rand(b, hs, CAP // bs, generator=g) < p_block
     token_keep = torch.zeros(b, hs, CAP, dtype=torch.bool)
     for i in range(b):
         prompt = int(lens[i]) - n_resp
         token_keep[i].scatter_(-1, torch.randint(0, prompt, (hs, n_sinks), generator=g), True)  # sinks
         token_keep[i, :, prompt : int(lens[i])] = True  # response positions
-    return q.to(dtype), k.to(dtype), v.to(dtype), KeySelection(block_keep, token_keep, valid, BS)
+    return q.to(dtype), k.to(dtype), v.to(dtype), KeySelection(block_keep, token_keep, valid, bs)
 
 
 def ref64(q, k, v, sel):
@@ -64,6 +65,28 @@ def test_flex_equals_gather_equals_dense_fp32(seed, shape, p_block):
     out = flex_sparse_attention(q, k, v, sel)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(out, gather_attention(q, k, v, sel), atol=1e-5, rtol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), shape=st.sampled_from(SHAPES[:3]), bs=st.sampled_from([64, 128]),
+       p_block=st.floats(0.0, 1.0), p_run=st.floats(0.0, 0.5))
+def test_sub_block_tiles_equal_dense(seed, shape, bs, p_block, p_run):
+    """64/128-key selection blocks run as 16-key mask tiles on CPU (`mask_kv_block`): still exact, with
+    ragged valid lengths, lone sinks and whole token-kept tiles (full tiles outside kept blocks)."""
+    q, k, v, sel = make_case(seed, *shape, p_block=p_block, bs=bs)
+    g = torch.Generator().manual_seed(seed)
+    run = (torch.rand(*sel.token_keep.shape[:2], CAP // 32, 1, generator=g) < p_run).expand(-1, -1, -1, 32)
+    sel.token_keep |= run.flatten(-2)  # (B, Hs, Cap): some whole 32-key tiles token-kept
+    out = flex_sparse_attention(q, k, v, sel)
+    torch.testing.assert_close(out.double(), ref64(q, k, v, sel), atol=1e-5, rtol=0)
+
+
+def test_mask_kv_block():
+    assert mask_kv_block(torch.device("cpu"), 64) == 16 and mask_kv_block(torch.device("cpu"), 32) == 16
+    assert mask_kv_block(torch.device("cpu"), 16) == 16 and mask_kv_block(torch.device("cpu"), 40) == 40
+    assert mask_kv_block(torch.device("cuda"), 64) == 64
+    with pytest.raises(ValueError, match="must divide"):
+        build_block_mask(make_case(0, *SHAPES[0])[3], 8, 4, kv_block=12)
 
 
 def _partial(q, k, v, keep):

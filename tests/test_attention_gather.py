@@ -1,5 +1,7 @@
 """gather + SDPA sparse attention equals dense attention restricted to the selected keys."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from focusdllm.attention import KeySelection, masked_attention
+from focusdllm.attention import gather as gather_mod
 from focusdllm.attention.backend import resolve_backend, sparse_attention
-from focusdllm.attention.gather import gather_attention, kept_indices
+from focusdllm.attention.gather import gather_attention, gather_rows, kept_indices
 
 
 def make_case(seed, b, hq, hkv, hs, t, d, cap, bs, p_block=0.2, n_sinks=3, n_resp=5, dtype=torch.float64):
@@ -58,11 +61,13 @@ LAYOUTS = [(1, 4, 4, 4), (2, 4, 4, 1), (2, 6, 2, 2), (1, 6, 2, 1), (2, 7, 1, 1)]
     nb=st.integers(1, 8),
     p_block=st.floats(0.0, 1.0),
     static_bound=st.booleans(),
+    one_head_chunks=st.booleans(),
 )
-def test_gather_equals_masked_dense(seed, layout, t, d, bs, nb, p_block, static_bound):
+def test_gather_equals_masked_dense(seed, layout, t, d, bs, nb, p_block, static_bound, one_head_chunks):
     b, hq, hkv, hs = layout
     q, k, v, sel = make_case(seed, b, hq, hkv, hs, t, d, nb * bs, bs, p_block=p_block)
-    out = gather_attention(q, k, v, sel, max_keys=nb * bs if static_bound else None)
+    with mock.patch.object(gather_mod, "CPU_CHUNK_BYTES", 1 if one_head_chunks else gather_mod.CPU_CHUNK_BYTES):
+        out = gather_attention(q, k, v, sel, max_keys=nb * bs if static_bound else None)  # 1 or Hkv heads a chunk
     torch.testing.assert_close(out, ref64(q, k, v, sel), atol=1e-12, rtol=0)
     q32, k32, v32 = q.float(), k.float(), v.float()
     out32 = gather_attention(q32, k32, v32, sel)
@@ -86,6 +91,19 @@ def test_budget_all_equals_dense(layout):
     dense = F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv)
     torch.testing.assert_close(gather_attention(q, k, v, sel), dense, atol=1e-12, rtol=0)
     torch.testing.assert_close(sparse_attention(q, k, v, sel, "torch"), dense, atol=1e-12, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 3), h=st.integers(1, 4), shared=st.booleans(),
+       m=st.integers(1, 9), strided=st.booleans())
+def test_gather_rows_equals_loop(seed, b, h, shared, m, strided):
+    """Row gather == a plain per-(b, h, m) loop, for one shared index head or one per head, any strides."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 11, h, 6, generator=g).transpose(1, 2) if strided else torch.randn(b, h, 11, 6, generator=g)
+    idx = torch.randint(0, 11, (b, 1 if shared else h, m), generator=g)
+    out = gather_rows(x, idx)
+    ref = torch.stack([torch.stack([x[i, j, idx[i, 0 if shared else j]] for j in range(h)]) for i in range(b)])
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 
 def test_kept_indices_packed_ascending():

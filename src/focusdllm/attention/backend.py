@@ -21,8 +21,9 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     "auto" picks compiled flex on CUDA and on AVX2+ Linux CPUs for fp32/bf16 (fp16 too on CUDA), and
     gather + SDPA ("torch") otherwise; on CPU, short-query attention with grouped KV heads (`group` =
     Hq // Hkv > 1, e.g. Dream's 7:1) also goes to gather, which measured faster there (16K keys, 10 %, 32
-    queries: 8.7x vs flex's 5.3x over dense; bench/results/attention_ops_cpu.json). An explicit "flex" that
-    cannot run raises, naming the fix: there is no silent fallback.
+    queries: 10.0x vs flex's 6.5x over dense; bench/results/attention_ops_cpu.json). MHA (LLaDA) stays on
+    flex: 5.3x vs gather's 4.8x at 16K (gather leads at 4K, 3.4x vs 2.9x, where both are far from 5x).
+    An explicit "flex" that cannot run raises, naming the fix: there is no silent fallback.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

@@ -24,9 +24,10 @@ from einops import rearrange
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, FlexKernelOptions, flex_attention
 
 from ..compiled import CompileFallbackError, compiled_on_cuda, run_checked
-from .selection import KeySelection
+from .selection import KeySelection, block_counts
 
 Q_BLOCK = 128  # one Q tile covers up to 128 (packed) query rows (split-KV pads Q to a multiple of 16)
+CPU_KV_BLOCK = 16  # CPU mask tile: a lone sink costs a 16-key partial tile, not a whole 64-key block
 
 
 FlexFallbackError = CompileFallbackError  # the compiled flex call would have run eagerly
@@ -121,6 +122,7 @@ def build_block_mask(
     q_block: int = Q_BLOCK,
     mask_mod: Callable | None = None,
     splits: int = 1,
+    kv_block: int | None = None,
 ) -> BlockMask:
     """BlockMask for `sel` over the full KV capacity, built from indices (no dense mask).
 
@@ -132,24 +134,47 @@ def build_block_mask(
         q_block: Q tile of the mask.
         mask_mod: override of the token-level mask (tests only); default `selection_mask_mod`.
         splits: S > 1 deals the kept blocks round-robin to S stacked copies of the queries (split-KV).
+        kv_block: KV tile of the mask, a divisor of sel.block_size (default: block_size). A smaller tile
+            wastes less on partial tiles (a lone sink) but costs one pass over token_keep for its counts.
     """
     b, hs, nb = sel.block_keep.shape
     bs = sel.block_size
+    kv = bs if kv_block is None else kv_block
+    if bs % kv:
+        raise ValueError(f"kv_block ({kv}) must divide the selection block size ({bs})")
     rows = -(-q_len // q_block)
     if splits > 1 and q_len % q_block:
         raise ValueError(f"split-KV needs q_len ({q_len}) to be a multiple of q_block ({q_block})")
     repeat = heads // hs if hs > 1 else 1
-    vc, tc = sel.block_counts()  # (B, 1, NB), (B, 1|Hs, NB): block-level, no (B, Hs, Cap) pass
-    lists = compiled_on_cuda(block_lists)(sel.block_keep, vc, tc, bs, splits, repeat)  # few kernels on CUDA
+    keep = sel.block_keep  # (B, Hs, NB)
+    if kv == bs:
+        vc, tc = sel.block_counts()  # (B, 1, NB), (B, 1|Hs, NB): block-level, no (B, Hs, Cap) pass
+    else:
+        keep = keep.repeat_interleave(bs // kv, -1)  # (B, Hs, Cap // kv): a kept block keeps its tiles
+        vc, tc = block_counts(sel.token_keep, sel.valid, kv)  # (B, 1, Cap // kv), (B, 1|Hs, Cap // kv)
+    lists = compiled_on_cuda(block_lists)(keep, vc, tc, kv, splits, repeat)  # few kernels on CUDA
     # (B, H, S[, W]) -> (B, H, S * rows[, W]): the Q tiles of split s all read split s's blocks
     lists = [x.repeat_interleave(rows, 2) if rows > 1 else x for x in lists]
     return BlockMask.from_kv_blocks(
         *lists,
-        BLOCK_SIZE=(q_block, bs),
+        BLOCK_SIZE=(q_block, kv),
         mask_mod=mask_mod if mask_mod is not None else selection_mask_mod(sel, heads),
         seq_lengths=(q_len * splits, nb * bs),
         compute_q_blocks=False,
     )
+
+
+def mask_kv_block(device: torch.device, block_size: int) -> int:
+    """KV tile of the flex mask: `CPU_KV_BLOCK` on CPU when it divides block_size, else block_size.
+
+    The CPU kernel is compute bound and runs every partial tile in full: with 64-key tiles each lone sink
+    cost 64 keys (16K keys, 10% kept, 16 sinks: ~2.9K keys run for ~1.9K kept). 16-key tiles cut that to
+    ~2.2K with no measurable per-tile cost; 8-key tiles ran 2x slower (1 thread, LLaDA heads: 64 / 32 / 16 /
+    8 -> 38 / 31 / 28 / 64 ms). CUDA keeps the selection block (its Triton tiles need it).
+    """
+    if device.type == "cpu" and block_size > CPU_KV_BLOCK and block_size % CPU_KV_BLOCK == 0:
+        return CPU_KV_BLOCK
+    return block_size
 
 
 def kernel_options(device: torch.device, block_size: int, q_len: int) -> FlexKernelOptions | None:
@@ -294,7 +319,8 @@ def flex_sparse_attention(
     if s > 1 and compiled and q.device.type != "cuda":
         raise ValueError("split-KV needs the log-sum-exp, which compiled CPU flex does not return; pass splits=1")
     tile = rows if s == 1 else -(-rows // 16) * 16  # with split-KV, one 16-row-aligned Q tile per split
-    mask = build_block_mask(sel, tile, heads, q_block=Q_BLOCK if s == 1 else tile, splits=s)
-    opts = kernel_options(q.device, sel.block_size, tile)
+    kv = mask_kv_block(q.device, sel.block_size)
+    mask = build_block_mask(sel, tile, heads, q_block=Q_BLOCK if s == 1 else tile, splits=s, kv_block=kv)
+    opts = kernel_options(q.device, kv, tile)
     out = run_flex(qx, k, v, mask, scale=scale, kernel_options=opts, compiled=compiled, splits=s)
     return rearrange(out, "b h (g t) d -> b (h g) t d", t=t) if packed else out  # (B, Hq, T, D)

@@ -17,6 +17,8 @@ from einops import rearrange
 
 from .selection import KeySelection
 
+CPU_CHUNK_BYTES = 8 << 20  # gathered K + V per chunk on CPU: well inside a 32 MB L3
+
 
 def kept_indices(keep: torch.Tensor, max_keys: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ascending positions of the kept keys, left-packed and padded.
@@ -43,6 +45,30 @@ def kept_indices(keep: torch.Tensor, max_keys: int | None = None) -> tuple[torch
     return idx, ok
 
 
+def head_chunk(device: torch.device, m: int, k: torch.Tensor, v: torch.Tensor) -> int:
+    """KV heads per gather + SDPA chunk: all of them on GPU; on CPU as many as keep the gathered K and V
+    under `CPU_CHUNK_BYTES`, so SDPA reads them from cache (16K keys, 10% kept, LLaDA's 32 KV heads, 1
+    thread: 53 ms in one chunk, 28 ms in chunks of 4 heads; Dream's 4 KV heads already fit)."""
+    if device.type != "cpu":
+        return k.shape[1]
+    per_head = k.shape[0] * m * (k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size())
+    return max(1, min(k.shape[1], CPU_CHUNK_BYTES // per_head))
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Whole key rows x[b, h, idx[b, h or 0, m], :] (one row copy per index, not one per element).
+
+    Args:
+        x: (B, H, S, D), any strides; idx: (B, Hs, M) int64 with Hs in {1, H}.
+    Returns:
+        (B, H, M, D).
+    """
+    b, h = x.shape[:2]
+    bi = torch.arange(b, device=x.device)[:, None, None]  # (B, 1, 1)
+    hi = torch.arange(h, device=x.device)[None, :, None]  # (1, H, 1)
+    return x[bi, hi, idx]  # (B, H, M, D)
+
+
 def gather_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,15 +86,17 @@ def gather_attention(
     Returns:
         (B, Hq, T, D), equal to `masked_attention(q, k, v, sel.dense_mask())`.
     """
-    b, hq, t, d = q.shape
-    hkv, dv = k.shape[1], v.shape[-1]
-    hs = sel.block_keep.shape[1]
+    hq, t = q.shape[1:3]
+    hkv, hs = k.shape[1], sel.block_keep.shape[1]
     if hs not in (1, hkv) or hq % hkv:
         raise ValueError(f"selection heads {hs} must be 1 or Hkv={hkv}; Hq={hq} a multiple of Hkv")
     idx, ok = kept_indices(sel.dense_mask(), max_keys)  # (B, Hs, M)
-    m = idx.shape[-1]
-    kg = k.gather(2, idx[..., None].expand(b, hkv, m, d))  # (B, Hkv, M, D)
-    vg = v.gather(2, idx[..., None].expand(b, hkv, m, dv))  # (B, Hkv, M, Dv)
     qp = rearrange(q, "b (h g) t d -> b h (g t) d", h=hkv)  # (B, Hkv, G*T, D): one KV head per group
-    out = F.scaled_dot_product_attention(qp, kg, vg, attn_mask=ok[:, :, None, :], scale=scale)
+    out = qp.new_empty(*qp.shape[:3], v.shape[-1])  # (B, Hkv, G*T, Dv)
+    step = head_chunk(q.device, idx.shape[-1], k, v)
+    for h0 in range(0, hkv, step):  # a chunk's gathered keys stay in cache for its SDPA
+        h = slice(h0, h0 + step)
+        i, keep = (idx[:, h], ok[:, h]) if hs > 1 else (idx, ok)  # (B, h | 1, M)
+        kg, vg = gather_rows(k[:, h], i), gather_rows(v[:, h], i)  # (B, h, M, D), (B, h, M, Dv)
+        out[:, h] = F.scaled_dot_product_attention(qp[:, h], kg, vg, attn_mask=keep[:, :, None, :], scale=scale)
     return rearrange(out, "b h (g t) d -> b (h g) t d", t=t)  # (B, Hq, T, Dv)
