@@ -127,3 +127,21 @@ def test_pruned_and_sparse_prefill_flex_equals_torch():
         a = generate(model, ids, focus=cfg.with_(backend="torch"), **kw).sequences
         b = generate(model, ids, focus=cfg.with_(backend="flex"), **kw).sequences
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(3))
+def test_compiled_block_choice_equals_eager_on_gpu(seed):
+    """The refresh's compiled key-block summaries and sparse-prefill block choice (CUDA) == the eager functions."""
+    from focusdllm.compiled import compiled_on_cuda
+    from focusdllm.focus.selection import block_bounds, block_representatives
+
+    q, k, _, _, _, _, prompt_len = (x.cuda() for x in _case(seed))
+    rows = torch.arange(q.shape[2], device="cuda").expand(q.shape[0], -1)
+    nbh = -(-int(prompt_len.max()) // BS)
+    args = (q, k, rows, prompt_len, torch.tensor([2, 3], device="cuda"), 1, BS, nbh, CAP)
+    assert torch.equal(compiled_on_cuda(sp.query_block_keep)(*args), sp.query_block_keep(*args))
+    for rep in (block_representatives, block_bounds):
+        got, want = compiled_on_cuda(rep)(k, prompt_len, BS, nbh), rep(k, prompt_len, BS, nbh)
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert (g - w).abs().max() < 1e-5
