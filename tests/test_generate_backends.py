@@ -1,6 +1,8 @@
 """generate(mode="focus") gives the same tokens on every executor: flex == torch, CUDA graphs == eager
 (bitwise on CPU fp32; in bf16 on GPU up to kernel choice, so there by agreement)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -69,6 +71,16 @@ def test_many_lengths_and_batches_do_not_exhaust_recompiles():
                 assert out.sequences.shape == (ids.shape[0], n + 32)
 
 
+@contextlib.contextmanager
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def _fp32_model(arch):
     cfg = focusdllm.ModelConfig.from_name(f"{arch}-tiny").with_(d_model=128, n_layers=6, n_heads=4,
                                                                 n_kv_heads=4 if arch == "llada" else 2)
@@ -87,7 +99,7 @@ def test_whole_step_graphs_equal_eager_fp32(arch):
     model = _fp32_model(arch)
     ids = _case(model, 1, 700)
     kw = dict(gen_length=64, block_length=16, steps=32)
-    with torch.backends.cuda.matmul.flags(allow_tf32=False):
+    with _no_tf32():
         for mode, extra in _GRAPH_MODES:
             eager = generate(model, ids, mode=mode, **extra, **kw)
             graphed = generate(model, ids, mode=mode, cuda_graphs=True, **extra, **kw)
@@ -112,7 +124,7 @@ def test_whole_step_graphs_catch_stale_state(monkeypatch):
     model = _fp32_model("llada")
     ids = _case(model, 1, 700)
     kw = dict(gen_length=64, block_length=16, steps=32, mode="focus", focus=_focus("torch"))
-    with torch.backends.cuda.matmul.flags(allow_tf32=False):
+    with _no_tf32():
         eager = generate(model, ids, **kw)
         monkeypatch.setattr(DecodeState, "start_block", rebinding_start)
         assert torch.equal(generate(model, ids, **kw).sequences, eager.sequences)  # eager does not care
