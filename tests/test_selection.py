@@ -67,3 +67,20 @@ def test_bound_score_sees_a_needle_that_the_mean_dilutes():
     mean_s = block_scores(q, focus, block_representatives(k, plen, bs, 2), per_head=True)
     bound_s = block_scores(q, focus, block_bounds(k, plen, bs, 2), per_head=True)
     assert mean_s.argmax(-1).item() == 0 and bound_s.argmax(-1).item() == 1
+
+
+def test_block_summaries_are_updated_in_place():
+    """A refresh's block summaries land in the tensors captured CUDA graphs read (not a new, freed-later buffer)."""
+    from focusdllm.cache import KVCache
+
+    cache = KVCache(2, 1, 2, 64, 8, torch.float32, torch.device("cpu"))
+    first = (torch.zeros(1, 2, 4, 8), torch.ones(1, 2, 4, 8))
+    cache.set_block_rep(1, first)
+    cache.set_block_rep(1, (torch.full((1, 2, 4, 8), 3.0), torch.full((1, 2, 4, 8), 4.0)))
+    assert cache.block_rep[1][0] is first[0] and float(first[0][0, 0, 0, 0]) == 3.0 and float(first[1].max()) == 4.0
+    mean = torch.zeros(1, 2, 4, 8)
+    cache.set_block_rep(0, mean)
+    cache.set_block_rep(0, torch.ones(1, 2, 4, 8))
+    assert cache.block_rep[0] is mean and bool((mean == 1).all())
+    cache.set_block_rep(0, torch.ones(1, 2, 5, 8))  # a new shape (another canvas) replaces the buffer
+    assert cache.block_rep[0].shape[2] == 5

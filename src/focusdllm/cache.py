@@ -28,6 +28,18 @@ class KVCache:
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
 
+    def set_block_rep(self, layer: int, rep):
+        """Store a refresh's block summaries (a tensor or a (min, max) pair) in place when the shapes match, so
+        CUDA graphs captured in an earlier block read the new values, not a freed buffer."""
+        new = rep if isinstance(rep, tuple) else (rep,)
+        old = self.block_rep[layer]
+        old_t = old if isinstance(old, tuple) else (old,)
+        if old is None or [o.shape for o in old_t] != [x.shape for x in new]:
+            self.block_rep[layer] = rep
+            return
+        for o, x in zip(old_t, new):
+            o.copy_(x)
+
     def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """A full refresh: slots [0, T) get k, v (B, Hkv, T, D)."""
         t = k.shape[2]

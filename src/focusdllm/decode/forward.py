@@ -118,8 +118,8 @@ def full_forward(model: DiffusionLM, canvas: Canvas, cache: KVCache | None, rep_
             cache.write_prefix(i, k, v)
             if plan is not None and i > plan.sink_layer:
                 rep = block_bounds if plan.block_score == "bound" else block_representatives
-                cache.block_rep[i] = compiled_on_cuda(rep)(cache.k[i], canvas.prompt_len, plan.block_size,
-                                                           plan.n_blocks_host)  # one fused pass over the keys
+                cache.set_block_rep(i, compiled_on_cuda(rep)(cache.k[i], canvas.prompt_len, plan.block_size,
+                                                             plan.n_blocks_host))  # one fused pass over the keys
         if token_keep is not None:  # block-sparse prompt queries against the cache
             rows = pos if keep is None else keep
             bk = compiled_on_cuda(query_block_keep)(q, cache.k[i], rows, canvas.prompt_len, plan.n_keep_prefill,
