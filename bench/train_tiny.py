@@ -12,14 +12,19 @@ the fly from the seed (focusdllm.tasks), so there is no dataset file.
     python bench/train_tiny.py --preset h100 --out runs/focus-tiny          # one H100, ~8 min
     python bench/train_tiny.py --preset smoke --out /tmp/smoke              # CPU, seconds
 
-The shipped weights continue that run (bench/results/train_log_run3*.jsonl): --init-from the previous
-weights, lengths 1K-8K at once, few copy rows (they hold most masked tokens and so most of the loss), and
-batches weighted toward the weak multi-key task (--task-weights), e.g.
+The shipped weights continue that run in three steps (bench/README.md): run 2 (1K-8K), run 3
+(bench/results/train_log_run3.jsonl: few copy rows, which hold most masked tokens and so most of the loss;
+batches weighted toward the weak tasks) and run 4 (bench/results/train_log_run4.jsonl: a quarter of the task
+rows with the needle at depth exactly 0 or 1, where the fidelity suite's span copy failed), i.e.
 
-    python bench/train_tiny.py --preset h100 --out runs/run3 --init-from src/focusdllm/weights/focus-tiny \
-        --minutes 7.7 --lr 7e-4 --warmup 50 --min-len 1024 --max-len 8192 --hold 0.02 --ramp 0.45 \
-        --gate-acc 0 --aux-start 0.1 --aux-end 0.02 --aux-decay 0.5 \
-        --tasks passkey,multikey,spancopy --task-weights 1,3,2 --eval-every 1500 --seed 3
+    python bench/train_tiny.py --preset h100 --out runs/run4 --init-from src/focusdllm/weights/focus-tiny \
+        --minutes 4.8 --lr 5e-4 --warmup 50 --min-len 1024 --max-len 8448 --hold 0.0 --ramp 0.3 \
+        --gate-acc 0 --aux-start 0.05 --aux-end 0.02 --aux-decay 0.5 \
+        --tasks passkey,multikey,spancopy --task-weights 1,2,2 --edge-depth 0.25 --eval-every 0 \
+        --eval-n 32 --eval-lengths 2048,4096,8192,16384 --suite-lengths 2048,4096,8192 --seed 4
+
+(from the run-3 weights; run 3 itself: --minutes 7.7 --lr 7e-4 --max-len 8192 --hold 0.02 --ramp 0.45
+--aux-start 0.1 --task-weights 1,3,2 --eval-every 1500 --eval-n 16 --seed 3, no --edge-depth).
 
 With --steps N the schedule (LR, lengths) follows the step count and the run is reproducible;
 with --steps 0 it follows the wall clock (--minutes), and the log records the steps reached.
