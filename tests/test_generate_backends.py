@@ -82,6 +82,7 @@ def _no_tf32():
 
 
 def _fp32_model(arch):
+    torch._dynamo.reset()  # new dtype and shapes: start the compile caches afresh (recompile limit)
     cfg = focusdllm.ModelConfig.from_name(f"{arch}-tiny").with_(d_model=128, n_layers=6, n_heads=4,
                                                                 n_kv_heads=4 if arch == "llada" else 2)
     return focusdllm.models.init_random(focusdllm.DiffusionLM(cfg).cuda(), seed=2).eval()
