@@ -221,7 +221,7 @@ def plot_breakdown(report: dict, out: Path) -> Path:
     plt = _plt()
     rs = [r for r in rows(report) if _ok(r) and not r["mode"].startswith("vanilla")]
     ctxs = sorted({r["context"] for r in rs})
-    fig, axes = plt.subplots(1, max(1, len(ctxs)), figsize=(3.2 * max(1, len(ctxs)), 4), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(ctxs)), figsize=(max(5.0, 3.2 * len(ctxs)), 4), squeeze=False)
     for ax, ctx in zip(axes[0], ctxs):
         sub = [r for r in rs if r["context"] == ctx]
         names = [r["mode"] for r in sub]
