@@ -245,3 +245,31 @@ def test_batch_invariance_threshold_rows_finish_at_different_steps(llada64, mode
     if mode == "focus":
         kw["focus"] = FocusConfig(block_size=16, keep_ratio=0.5, min_blocks=1, num_sinks=2, backend="torch")
     _assert_rows_equal_alone(llada64, [_prompt(200 + i, n)[0] for i, n in enumerate([30, 55])], kw)
+
+
+def test_decode_state_is_updated_in_place_and_graph_keys_cover_host_values(monkeypatch):
+    """What whole-step CUDA graphs rely on (decode/graphs.py): the block state keeps its tensors across blocks,
+    and a step's graph key holds every host value the step depends on (schedule, prefix-cache suffix)."""
+    from focusdllm.decode import step as step_mod
+
+    model = focusdllm.load_model("llada-tiny", dtype=torch.float32, seed=0)
+    seen, keys = [], []
+    orig = step_mod.StepRunner.__call__
+
+    def spy(self, st, t):
+        seen.append(tuple(id(x) for x in (st.block_start, st.slots, st.masked, st.conf_buf)))
+        keys.append((st.block, t, self.graph_key(st, t)))
+        return orig(self, st, t)
+
+    monkeypatch.setattr(step_mod.StepRunner, "__call__", spy)
+    _gen(model, _prompt(0, 40), mode="fastdllm", cache="prefix", gen_length=24, block_length=8, steps=12)
+    assert len(set(seen)) == 1  # the same four tensors in every block
+    by_t = {(b, t): k for b, t, k in keys}
+    assert all(k is None for (b, t), k in by_t.items() if t == 0)  # refreshes are never captured
+    assert len({by_t[(b, 1)] for b in range(3)}) == 3  # prefix suffix differs per block -> its own graph
+    keys.clear()
+    _gen(model, _prompt(0, 40), mode="focus", focus=FocusConfig(block_size=16), steps=16)
+    assert {k for _, t, k in keys if t > 0} == {(1,)}  # 1 token per step, one graph for every in-block step
+    keys.clear()
+    _gen(model, _prompt(0, 40), mode="focus", focus=FocusConfig(block_size=16), threshold=0.9)
+    assert all(k is None for _, _, k in keys)  # threshold rule: host-dependent, not captured whole
