@@ -47,7 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from focusdllm import DiffusionLM, ModelConfig, generate, load_model, save_model  # noqa: E402
 from focusdllm.models.loading import init_random  # noqa: E402
-from focusdllm.tasks import GEN_LENGTH, TASKS, VOCAB, evaluate, generate_case, make_cases, target_ids  # noqa: E402
+from focusdllm.tasks import GEN_LENGTH, TASKS, VOCAB, evaluate, make_cases  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_data import aux_fraction, length_ramp, make_batch, sample_length  # noqa: E402
 
 PRESETS = {
     # CI: a few steps on CPU, seconds
@@ -73,93 +76,6 @@ def build_config(a) -> ModelConfig:
         arch="llada", d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_heads,
         mlp_hidden=a.mlp_hidden, rope_theta=a.rope_theta, **VOCAB.model_ids(),
     )
-
-
-def sample_length(rng: random.Random, p: float, a, start: float | None = None) -> int:
-    """Curriculum: --min-len until --hold of the run (or until the gate opens at `start`), then the top
-    grows log-linearly to --max-len at --ramp."""
-    lo, hi = math.log(a.min_len), math.log(a.max_len)
-    cur = lo + (hi - lo) * _ramp(p, a, start)
-    if rng.random() < 0.5:  # half the batches from the top octave reached so far
-        x = rng.uniform(max(lo, cur - math.log(2)), cur)
-    else:
-        x = rng.uniform(lo, cur)
-    return max(a.min_len, int(math.exp(x)) // 64 * 64)
-
-
-def _ramp(p: float, a, start: float | None = None) -> float:
-    """Length progress in [0, 1]: 0 before `start` (default --hold), 1 from --ramp (or later if the gate
-    opened late: the ramp then takes (--ramp - --hold) of the run)."""
-    start = a.hold if start is None else start
-    if start is None or p < start:
-        return 0.0
-    end = max(a.ramp, start + (a.ramp - a.hold))
-    return min(1.0, (p - start) / max(1e-9, end - start))
-
-
-def aux_fraction(p: float, a) -> float:
-    """Share of copy rows: --aux-start, decaying linearly to --aux-end at --aux-decay of the run."""
-    return a.aux_start + (a.aux_end - a.aux_start) * min(1.0, p / max(1e-9, a.aux_decay))
-
-
-def copy_rows(rng: random.Random, length: int, rows: int, alphabet: int = VOCAB.marker0, mmin: int = 8,
-              mmax: int = 64, src_frac=(0.3, 0.7)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Auxiliary induction rows: random content tokens, then chunks copied from them (the loss region).
-
-    The first n_src = 30-70% of the row is uniform over the content ids (digits, keys, span symbols,
-    filler); the rest is a run of m-token chunks (m in 8-64 per row) copied from random offsets of the
-    first part. Every masked copied token is predictable from an unmasked neighbour by induction (find
-    the neighbour earlier, read the token beside it), so a row carries hundreds of copy targets where a
-    task row carries one 5-10-token answer. -> ids (rows, length), region (rows, length) bool.
-    """
-    g = torch.Generator().manual_seed(rng.getrandbits(62))
-    if mmin <= 0:  # "exact" rows (mmin <= 0): src of n_r = 8..length/3 tokens, its exact copy, then random tokens
-        n = torch.randint(8, max(9, length // 3), (rows, 1), generator=g)
-        i = torch.arange(length)[None]
-        base = torch.randint(0, alphabet, (rows, length), generator=g)
-        idx = torch.where((i >= n) & (i < 2 * n), i - n, i)
-        return base.gather(1, idx), (i >= n) & (i < 2 * n)
-    n_src = max(16, int(length * rng.uniform(*src_frac)))
-    n_dst = length - n_src
-    src = torch.randint(0, alphabet, (rows, n_src), generator=g)
-    m = torch.randint(mmin, mmax + 1, (rows, 1), generator=g).clamp(max=n_src)
-    i = torch.arange(n_dst)[None]
-    chunk, within = i // m, i % m
-    off = (torch.rand(rows, n_dst // 8 + 1, generator=g) * (n_src - m + 1)).long()
-    idx = off.gather(1, chunk) + within
-    ids = torch.cat([src, src.gather(1, idx)], 1)
-    region = torch.zeros(rows, length, dtype=torch.bool)
-    region[:, n_src:] = True
-    return ids, region
-
-
-def make_batch(rng: random.Random, length: int, rows: int, aux_frac: float = 0.0, tasks=TASKS, aux_kw=None,
-               task_weights=None, edge_depth: float = 0.0):
-    """rows rows of `length` tokens: about aux_frac * rows copy rows, the rest random task cases
-    (drawn with `task_weights`, default uniform; prompt + answer region; a share `edge_depth` of them with
-    the target needle at depth exactly 0 or 1, the rest at uniform depth) -> ids (B, L), region (B, L) bool
-    (the positions that get masked)."""
-    n_aux = min(rows, int(aux_frac * rows + rng.random()))
-    ids, region = [], []
-    for _ in range(rows - n_aux):
-        if task_weights:
-            task = rng.choices(tasks, weights=task_weights)[0]
-        else:
-            task = tasks[rng.randrange(len(tasks))]
-        gl = GEN_LENGTH[task]
-        depth = float(rng.random() < 0.5) if edge_depth and rng.random() < edge_depth else None
-        c = generate_case(task, rng, length - gl, depth=depth)
-        ids.append(c["input"] + target_ids(c))
-        region.append([False] * (length - gl) + [True] * gl)
-    ids = torch.tensor(ids, dtype=torch.long).view(-1, length)
-    region = torch.tensor(region, dtype=torch.bool).view(-1, length)
-    kw = dict(aux_kw or {})
-    n_exact = int(kw.pop("exact", 0.0) * n_aux + rng.random()) if n_aux else 0
-    for n, extra in ((n_aux - n_exact, {}), (n_exact, {"mmin": 0})):
-        if n:
-            ai, ar = copy_rows(rng, length, n, **{**kw, **extra})
-            ids, region = torch.cat([ai, ids]), torch.cat([ar, region])
-    return ids, region
 
 
 def diffusion_loss(model, ids, region, gen: torch.Generator, eps: float = 1e-3, t_weight: bool = True):
@@ -381,7 +297,7 @@ def main(argv=None):
             losses, tok_since, t_log = [], 0, time.time()
         if a.eval_every and step % a.eval_every == 0:
             lo, hi = math.log(a.min_len), math.log(a.max_len)
-            cur = max(a.min_len, int(math.exp(lo + (hi - lo) * _ramp(p, a, gate_p if a.gate_acc > 0 else None)))
+            cur = max(a.min_len, int(math.exp(lo + (hi - lo) * length_ramp(p, a, gate_p if a.gate_acc > 0 else None)))
                       // 64 * 64)
             te = time.time()
             res = run_eval(model, [cur], 8, 2, a.eval_seed + step, a.eval_batch_tokens, a.tasks)
