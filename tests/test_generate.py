@@ -269,7 +269,7 @@ def test_decode_state_is_updated_in_place_and_graph_keys_cover_host_values(monke
     assert len({by_t[(b, 1)] for b in range(3)}) == 3  # prefix suffix differs per block -> its own graph
     keys.clear()
     _gen(model, _prompt(0, 40), mode="focus", focus=FocusConfig(block_size=16), steps=16)
-    assert {k for _, t, k in keys if t > 0} == {(1,)}  # 1 token per step, one graph for every in-block step
+    assert {k for _, t, k in keys if t > 0} == {(1, 0)}  # 1 token per step (dual: no suffix): one graph
     keys.clear()
     _gen(model, _prompt(0, 40), mode="focus", focus=FocusConfig(block_size=16), threshold=0.9)
     assert all(k is None for _, _, k in keys)  # threshold rule: host-dependent, not captured whole

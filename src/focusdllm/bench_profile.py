@@ -93,19 +93,24 @@ def profile_breakdown(events, wall_s: float, n_steps: int, device: torch.device)
     return out
 
 
+def _activities(dev: torch.device) -> list:
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+
+
 def profile_mode(model, ids, kw: dict, args, common: dict, n_steps: int = 3) -> dict:
     """torch.profiler over in-block steps 1..n_steps of block 1 (block 0 has captured every CUDA graph a
     step needs), with timing=True so every step is bracketed by synchronizes; the profiler starts after
     the block's refresh has finished."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
     dev = ids.device
     spb = common["steps"] // (common["gen_length"] // common["block_length"])
     if spb <= n_steps:
         raise RuntimeError(f"profiling needs more than {n_steps} steps per block (got {spb})")
     run_steps(model, ids, kw, common, warm=spb + n_steps + 1, measure=0)  # warm-up, same shapes
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    prof = profile(activities=acts)
+    prof = profile(activities=_activities(dev))
     marks: dict[str, float] = {}
 
     def cb(step, x, info):
@@ -136,12 +141,11 @@ def profile_mode(model, ids, kw: dict, args, common: dict, n_steps: int = 3) -> 
 
 def profile_prefill(model, ids, kw: dict, common: dict) -> dict:
     """torch.profiler over the first refresh (the prefill: step 0 of block 0), after a warm-up one."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
     dev = ids.device
     run_steps(model, ids, kw, common, warm=1, measure=0)  # compiles the prefill's shapes
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=_activities(dev)) as prof:
         sync(dev)
         t0 = time.perf_counter()
         run_steps(model, ids, kw, common, warm=1, measure=0)  # stops after step 0 has finished on the device

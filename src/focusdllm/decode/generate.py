@@ -79,9 +79,6 @@ class FocusPolicy(CachePolicy):
         self.cfg, self.sparse, self.rule = cfg, plan, rule
         self.radius = cfg.window // 2 if cfg.window_past_block else 0
 
-    def step_key(self, t, st):
-        return ()  # the row count follows the schedule alone (fixed rule)
-
     def rows(self, t, st):
         if t == 0:
             every, blk = self.cfg.prompt_refresh_every, st.block

@@ -79,7 +79,6 @@ class StepRunner:
     remasking: str
     gens: list | None
     rule: tuple
-    graph_key_prefix: tuple = ()
 
     def __call__(self, st: DecodeState, t: int) -> StepResult:
         canvas, policy = st.canvas, self.policy
