@@ -60,3 +60,20 @@ def test_gumbel_is_seeded_per_row():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="remasking"):
         S.sample_tokens(logits, 49, 0.0, "nope", None)
+
+
+@given(st.integers(0, 10**6), st.booleans())
+def test_greedy_confidence_is_the_softmax_probability_of_the_argmax(seed, ties):
+    """The fused greedy path (no probability tensor) == float64 softmax gathered at the argmax, mask id excluded."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 5, 40, generator=g) * 4
+    if ties:
+        logits[..., 3] = logits[..., 11] = logits.amax(-1) + 1.0  # two winners: the lower index is taken
+    logits[0, 0, 9] = 1e4  # the mask id never wins
+    x0, conf = S.greedy_confidence(logits.bfloat16(), 9)
+    ref = logits.bfloat16().float().double()
+    ref[..., 9] = float("-inf")
+    want_x0 = ref.argmax(-1)
+    want = torch.softmax(ref, -1).gather(-1, want_x0[..., None])[..., 0]
+    assert torch.equal(x0, want_x0) and conf.dtype == torch.float64
+    assert torch.allclose(conf, want, rtol=1e-12, atol=0)

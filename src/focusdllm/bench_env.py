@@ -113,11 +113,12 @@ def _density(stats: dict) -> tuple[float | None, float | None]:
 
 
 def _timed_metrics(out_stats: dict) -> dict:
-    keep = ("ms_per_refresh", "ms_per_step", "ms_per_full", "ms_first_refresh")
+    keep = ("ms_per_refresh", "ms_per_step", "ms_per_full", "ms_first_refresh", "ms_per_capture", "captures")
     m = {k: out_stats.get(k) for k in keep}
-    nfe, ref = out_stats["nfe"], out_stats["refreshes"]
+    nfe, ref, cap = out_stats["nfe"], out_stats["refreshes"], out_stats.get("captures") or 0
     m["refresh_total_s"] = (m["ms_per_refresh"] or 0.0) * ref / 1e3 if m["ms_per_refresh"] is not None else None
-    n_steps = nfe - ref
+    m["capture_total_s"] = (m["ms_per_capture"] or 0.0) * cap / 1e3
+    n_steps = nfe - ref - cap  # steady-state in-block steps (graph replays, or eager steps without graphs)
     if out_stats.get("ms_per_full") is not None:
         m["full_total_s"] = out_stats["ms_per_full"] * out_stats["nfe"] / 1e3
     m["step_total_s"] = m["ms_per_step"] * n_steps / 1e3 if m["ms_per_step"] is not None else (0.0 if ref else None)

@@ -19,7 +19,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.trash = capacity - 1
-        self.block_rep: list = [None] * n_layers  # each (B, Hkv, NBp, D), or a (min, max) pair of them
+        self.block_rep: list = [None] * n_layers  # each (B, Hkv, NBp, D) means or (B, Hkv, NBp, 2D) bounds
 
     def write(self, layer: int, rows: torch.Tensor, write: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Scatter k, v (B, Hkv, T, D) into slots rows (B, T); rows with write=False go to the trash slot."""
@@ -28,17 +28,14 @@ class KVCache:
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
 
-    def set_block_rep(self, layer: int, rep):
-        """Store a refresh's block summaries (a tensor or a (min, max) pair) in place when the shapes match, so
-        CUDA graphs captured in an earlier block read the new values, not a freed buffer."""
-        new = rep if isinstance(rep, tuple) else (rep,)
+    def set_block_rep(self, layer: int, rep: torch.Tensor):
+        """Store a refresh's block summaries in place when the shape matches, so CUDA graphs captured in an
+        earlier block read the new values, not a freed buffer."""
         old = self.block_rep[layer]
-        old_t = old if isinstance(old, tuple) else (old,)
-        if old is None or [o.shape for o in old_t] != [x.shape for x in new]:
+        if old is None or old.shape != rep.shape:
             self.block_rep[layer] = rep
-            return
-        for o, x in zip(old_t, new):
-            o.copy_(x)
+        else:
+            old.copy_(rep)
 
     def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """A full refresh: slots [0, T) get k, v (B, Hkv, T, D)."""

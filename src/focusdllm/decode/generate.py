@@ -164,7 +164,9 @@ def generate(
         capacity: KV buffer slots (fixed so lengths up to it never recompile the fast path).
         callback: called as callback(step, x, info) after every step; x is (B, L + G).
         progress: show a tqdm bar over steps.
-        timing: synchronize around every forward to report ms per refresh / step.
+        timing: synchronize around every forward to report ms per refresh / step (stats "ms_per_step" averages
+            the replayed or eager in-block steps; with cuda_graphs the step of each graph key that ran eagerly and
+            was then recorded is reported apart, as "ms_per_capture" over "captures" steps).
         cuda_graphs: replay in-block steps as CUDA graphs (CUDA only). Fixed-count greedy steps are captured
             whole (rows, network, LM head, sampling, commit: no launches from Python,
             stats["cuda_graphs"] == "step"); otherwise only the row forward is ("forward"). Same kernels,
@@ -226,7 +228,7 @@ def generate(
             raise ValueError("cuda_graphs applies to cached modes (fastdllm, focus), not mode='vanilla'")
         runner.forward = GraphedRowForward()
         step = GraphedSteps(runner)  # whole in-block steps as one graph where the step has no host sync
-    times = {"refresh": [], "step": [], "full": []}
+    times = {"refresh": [], "step": [], "full": [], "capture": []}
     nfe = refreshes = 0
     bar = tqdm(total=n_blocks * spb, disable=not progress, desc=f"{mode} decode", unit="step")
     _sync(dev)
@@ -251,7 +253,7 @@ def generate(
             nfe += 1
             if timing:
                 _sync(dev)
-                times[res.kind].append((time.perf_counter() - t0) * 1e3)
+                times["capture" if res.captured else res.kind].append((time.perf_counter() - t0) * 1e3)
             if callback is not None:
                 info = {  # copies: a replayed graph overwrites its outputs at the next step
                     "block": blk, "step_in_block": t, "kind": res.kind, "decoded": res.transfer.clone(),
@@ -328,6 +330,7 @@ def _stats(stats: StepStats, nfe, refreshes, elapsed, n_tokens, times, policy, d
     for k, v in times.items():
         if v:
             out[f"ms_per_{k}"] = sum(v) / len(v)
+    out["captures"] = len(times["capture"])
     if times.get("refresh"):  # the prefill: with prompt KV reuse the later refreshes are response-only
         out["ms_first_refresh"] = times["refresh"][0]
     if dev.type == "cuda":

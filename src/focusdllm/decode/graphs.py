@@ -87,4 +87,4 @@ class GraphedSteps:
         with torch.cuda.graph(graph, pool=self.pool):
             captured = self.plain(st, t)
         self.graphs[key] = (graph, captured)
-        return res
+        return dataclasses.replace(res, captured=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..compiled import compiled_on_cuda
+
 NEG = float("-inf")
 
 
@@ -32,7 +34,7 @@ def sample_tokens(
     generators: list[torch.Generator] | None,
     draw: list[bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, bl, V) -> tokens x0 (B, bl) and confidence (B, bl) float64.
+    """logits (B, bl, V) (any float dtype) -> tokens x0 (B, bl) and confidence (B, bl) float64.
 
     The mask id can never win (the official samplers let it). temperature > 0 is Gumbel-max in
     float64 with per-row noise `rand((bl, V))`; confidence is the float64 softmax probability of
@@ -40,7 +42,9 @@ def sample_tokens(
     `draw[b] = False` skips row b's draws (a row whose block is done keeps its random stream where
     it would be if it ran alone).
     """
-    logits = logits.clone()
+    if temperature == 0 and remasking == "low_confidence":
+        return compiled_on_cuda(greedy_confidence)(logits, mask_id)  # one fused pass on CUDA
+    logits = logits.to(torch.float32, copy=True)  # the mask column is overwritten
     logits[..., mask_id] = NEG
     draw = [True] * logits.shape[0] if draw is None else draw
 
@@ -92,3 +96,15 @@ def factor_count(conf: torch.Tensor, cand: torch.Tensor, factor: float) -> torch
 def transfer_factor(conf: torch.Tensor, cand: torch.Tensor, factor: float) -> torch.Tensor:
     """Fast-dLLM's factor rule: commit the longest confident prefix (at least the best one)."""
     return transfer_fixed(conf, cand, factor_count(conf, cand, factor))
+
+
+def greedy_confidence(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax token and its float64 softmax probability, without the (B, bl, V) probability tensor.
+
+    At the argmax, softmax_x0 = exp(0) / sum_j exp(l_j - max) (the official samplers' value, same formula)."""
+    logits = logits.to(torch.float32, copy=True)  # (B, bl, V)
+    logits[..., mask_id] = NEG
+    x0 = logits.argmax(-1)
+    ld = logits.double()
+    conf = 1.0 / torch.exp(ld - ld.amax(-1, keepdim=True)).sum(-1)
+    return x0, conf

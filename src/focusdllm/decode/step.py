@@ -62,6 +62,7 @@ class StepResult:
     cand: torch.Tensor  # (B, bl) bool candidates
     rows: object  # StepRows or None (full forward)
     n_rows: int  # rows computed (0 for a full forward)
+    captured: bool = False  # ran eagerly, then was recorded as a CUDA graph (decode/graphs.py): one-time cost
 
 
 @dataclass
@@ -99,7 +100,7 @@ class StepRunner:
             cand = st.masked & rows.cand
             kind = "refresh" if rows.dense else "step"
             n_rows = int(rows.rows.shape[1])
-        logits = self.model.logits(hsrc).float()  # (B, bl, V): only the current block's rows
+        logits = self.model.logits(hsrc)  # (B, bl, V): only the current block's rows (sampling reads fp32)
         bsz = st.masked.shape[0]
         needs_gen = self.gens is not None
         # threshold / factor: a row whose block is done draws no noise (batch invariance); fixed count

@@ -1,8 +1,9 @@
 """Sink-aware block selection for sparse layers (paper step: prompt KV pruning).
 
 Prompt keys are grouped in blocks of `block_size` from slot 0; a block's representative key is the
-mean of its cached keys (computed once per refresh). Focus queries score the blocks, the top-K
-blocks per selection head are kept, and sinks plus every response position are always kept.
+mean of its cached keys (computed once per refresh, kept in fp32 so no step converts it again). Focus
+queries score the blocks, the top-K blocks per selection head are kept, and sinks plus every response
+position are always kept.
 """
 
 from __future__ import annotations
@@ -22,51 +23,48 @@ def block_representatives(k: torch.Tensor, prompt_len: torch.Tensor, block_size:
         prompt_len: (B,) prompt length per row.
         n_blocks: blocks covering the longest prompt (host int).
     Returns:
-        (B, Hkv, n_blocks, D) in k's dtype (accumulated in fp32).
+        (B, Hkv, n_blocks, D) float32.
     """
     span = n_blocks * block_size
     inside = (torch.arange(span, device=k.device)[None, :] < prompt_len[:, None]).float()  # (B, span)
     w = rearrange(inside, "b (n s) -> b n s", s=block_size)
     kb = rearrange(k[:, :, :span].float(), "b h (n s) d -> b h n s d", s=block_size)
     total = torch.einsum("bhnsd,bns->bhnd", kb, w)
-    return (total / w.sum(-1).clamp(min=1)[:, None, :, None]).to(k.dtype)
+    return total / w.sum(-1).clamp(min=1)[:, None, :, None]
 
 
 def block_bounds(k: torch.Tensor, prompt_len: torch.Tensor, block_size: int, n_blocks: int):
-    """Channel-wise min and max of each prompt block's keys (beyond the paper: a Quest-style bound).
+    """Channel-wise max and min of each prompt block's keys (beyond the paper: a Quest-style bound).
 
-    Returns (kmin, kmax), each (B, Hkv, n_blocks, D); slots outside the prompt are ignored.
+    Returns (B, Hkv, n_blocks, 2 D) float32 [kmax | kmin] (exact: they are key values), one tensor so a
+    step scores both halves in one GEMM; slots outside the prompt are ignored.
     """
     span = n_blocks * block_size
     inside = torch.arange(span, device=k.device)[None, :] < prompt_len[:, None]  # (B, span)
     kb = rearrange(k[:, :, :span], "b h (n s) d -> b h n s d", s=block_size)
     w = rearrange(inside, "b (n s) -> b 1 n s 1", s=block_size)
     big = torch.finfo(k.dtype).max
-    kmin = kb.masked_fill(~w, big).amin(3)
     kmax = kb.masked_fill(~w, -big).amax(3)
-    return kmin, kmax
+    kmin = kb.masked_fill(~w, big).amin(3)
+    return torch.cat([kmax, kmin], -1).float()
 
 
-def block_scores(q: torch.Tensor, focus: torch.Tensor, rep, per_head: bool) -> torch.Tensor:
+def block_scores(q: torch.Tensor, focus: torch.Tensor, rep: torch.Tensor, per_head: bool) -> torch.Tensor:
     """Score = max over focus rows and the query heads of a group of q . k_rep.
 
     Args:
-        q: (B, Hq, T, D) queries; focus: (B, T) bool focus rows; rep: (B, Hkv, NBp, D) mean keys, or
-            (kmin, kmax) channel bounds, scored as sum_d max(q_d kmin_d, q_d kmax_d) >= every q . k
-            of the block.
+        q: (B, Hq, T, D) queries; focus: (B, T) bool focus rows; rep: (B, Hkv, NBp, D) mean keys
+            (`block_representatives`), or (B, Hkv, NBp, 2 D) [kmax | kmin] channel bounds (`block_bounds`),
+            scored as sum_d max(q_d kmax_d, q_d kmin_d) = [max(q, 0) | min(q, 0)] . [kmax | kmin] >= every
+            q . k of the block.
     Returns:
         (B, Hs, NBp) float32, Hs = Hkv (per_head) or 1 (shared).
     """
-    bounds = isinstance(rep, tuple)
-    hkv = rep[0].shape[1] if bounds else rep.shape[1]
+    hkv = rep.shape[1]
     qg = rearrange(q, "b (h g) t d -> b h (g t) d", h=hkv).float()  # (B, Hkv, G*T, D)
-    if bounds:
-        kmin, kmax = rep
-        s = torch.einsum("bhqd,bhnd->bhqn", qg.clamp(min=0), kmax.float()) + torch.einsum(
-            "bhqd,bhnd->bhqn", qg.clamp(max=0), kmin.float()
-        )
-    else:
-        s = torch.einsum("bhqd,bhnd->bhqn", qg, rep.float())  # (B, Hkv, G*T, NBp)
+    if rep.shape[-1] == 2 * q.shape[-1]:
+        qg = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1)  # (B, Hkv, G*T, 2D)
+    s = torch.einsum("bhqd,bhnd->bhqn", qg, rep.float())  # (B, Hkv, G*T, NBp); rep is fp32 already
     g = q.shape[1] // hkv
     fmask = focus.repeat(1, g)[:, None, :, None]  # (B, 1, G*T, 1), (g t) order
     s = s.masked_fill(~fmask, NEG).amax(2)  # (B, Hkv, NBp)
