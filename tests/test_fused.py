@@ -70,3 +70,31 @@ def test_query_rows_equal_the_rows_of_full_queries(fused_model):
         qr, kr, vr = blk.qkv(x, m.rope, cos, sin, q_rows=rows)
         want = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
         assert (qr - want).abs().max() < 1e-5 and (kr - k).abs().max() < 1e-5 and (vr - v).abs().max() < 1e-5
+
+
+def test_fused_cache_write_equals_eager_and_touches_only_its_slots(fused_model):
+    """qkv_into (row steps: K/V scattered into the cache inside the compiled kernel) writes exactly the eager
+    K/V at the given slots, leaves every other slot alone (the cache layer is a view of the whole cache), and
+    returns the eager q."""
+    m = fused_model
+    blk, cfg = m.blocks[2], m.config
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, cfg.d_model, generator=g)
+    slots = torch.tensor([[3, 9, 10, 11, 63], [0, 1, 2, 40, 63]])
+    cos, sin = m.rope.cos_sin(slots, x.dtype)
+    caches = []
+    for fuse in (False, True):
+        m.fuse(fuse)
+        ck = torch.randn(3, 2, cfg.n_kv_heads, 64, cfg.head_dim, generator=torch.Generator().manual_seed(5))
+        cv = ck.clone() * 2
+        before = ck.clone()
+        q = blk.qkv_into(x, m.rope, cos, sin, ck[1], cv[1], slots)
+        caches.append((q, ck, cv))
+        untouched = torch.ones(2, 64, dtype=torch.bool)
+        untouched.scatter_(1, slots, False)
+        assert torch.equal(ck[0], before[0]) and torch.equal(ck[2], before[2])  # other layers
+        assert torch.equal(ck[1].transpose(1, 2)[untouched], before[1].transpose(1, 2)[untouched])  # other slots
+    (q0, k0, v0), (q1, k1, v1) = caches
+    assert (q0 - q1).abs().max() < 1e-5 and (k0 - k1).abs().max() < 1e-5 and (v0 - v1).abs().max() < 1e-5
+    assert not torch.equal(k0[1], torch.randn(3, 2, cfg.n_kv_heads, 64, cfg.head_dim,
+                                              generator=torch.Generator().manual_seed(5))[1])  # it wrote

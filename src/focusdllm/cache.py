@@ -21,12 +21,9 @@ class KVCache:
         self.trash = capacity - 1
         self.block_rep: list = [None] * n_layers  # each (B, Hkv, NBp, D) means or (B, Hkv, NBp, 2D) bounds
 
-    def write(self, layer: int, rows: torch.Tensor, write: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Scatter k, v (B, Hkv, T, D) into slots rows (B, T); rows with write=False go to the trash slot."""
-        slots = torch.where(write, rows, torch.full_like(rows, self.trash))
-        idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])  # (B, Hkv, T, D)
-        self.k[layer].scatter_(2, idx, k)
-        self.v[layer].scatter_(2, idx, v)
+    def slots(self, rows: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+        """Destination slots (B, T) of rows (B, T): rows with write=False go to the trash slot."""
+        return torch.where(write, rows, torch.full_like(rows, self.trash))
 
     def set_block_rep(self, layer: int, rep: torch.Tensor):
         """Store a refresh's block summaries in place when the shape matches, so CUDA graphs captured in an
@@ -36,9 +33,3 @@ class KVCache:
             self.block_rep[layer] = rep
         else:
             old.copy_(rep)
-
-    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """A full refresh: slots [0, T) get k, v (B, Hkv, T, D)."""
-        t = k.shape[2]
-        self.k[layer, :, :, :t] = k
-        self.v[layer, :, :, :t] = v

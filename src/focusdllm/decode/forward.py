@@ -113,9 +113,11 @@ def full_forward(model: DiffusionLM, canvas: Canvas, cache: KVCache | None, rep_
     keep = None  # (B, N) rows still computed after the prune layer (focus/prefill.py)
     token_keep = None  # (B, Cap) sinks + response keys of the sparse prefill
     for i, blk in enumerate(model.blocks):
-        q, k, v = blk.qkv(h, model.rope, cos, sin, q_rows=keep)  # pruned rows: keys and values only
-        if cache is not None:
-            cache.write_prefix(i, k, v)
+        if cache is None:
+            q, k, v = blk.qkv(h, model.rope, cos, sin, q_rows=keep)  # pruned rows: keys and values only
+        else:  # K/V go straight into the cache (no copy of the layer's K/V); attention reads them there
+            q = blk.qkv_into(h, model.rope, cos, sin, cache.k[i], cache.v[i], pos, q_rows=keep)
+            k, v = cache.k[i, :, :, :n], cache.v[i, :, :, :n]
             if plan is not None and i > plan.sink_layer:
                 rep = block_bounds if plan.block_score == "bound" else block_representatives
                 cache.set_block_rep(i, compiled_on_cuda(rep)(cache.k[i], canvas.prompt_len, plan.block_size,
@@ -167,9 +169,9 @@ def row_forward(
     n_layers = len(model.blocks)
     density = torch.zeros(n_layers, device=h.device)
     kept = []  # block_keep of each sparse layer; densities are computed once after the loop
+    slots = cache.slots(rows.rows, rows.write)  # (B, T)
     for i, blk in enumerate(model.blocks):
-        q, k, v = blk.qkv(h, model.rope, cos, sin)
-        cache.write(i, rows.rows, rows.write, k, v)
+        q = blk.qkv_into(h, model.rope, cos, sin, cache.k[i], cache.v[i], slots)  # K/V written in place
         if plan is None or i <= plan.sink_layer:
             with short_query_kernels():
                 o = dense_attention(q, cache.k[i, :, :, :n], cache.v[i, :, :, :n], valid)

@@ -165,8 +165,9 @@ def generate(
         callback: called as callback(step, x, info) after every step; x is (B, L + G).
         progress: show a tqdm bar over steps.
         timing: synchronize around every forward to report ms per refresh / step (stats "ms_per_step" averages
-            the replayed or eager in-block steps; with cuda_graphs the step of each graph key that ran eagerly and
-            was then recorded is reported apart, as "ms_per_capture" over "captures" steps).
+            the in-block steps). With cuda_graphs, consecutive replayed steps are timed back to back (synchronized
+            before the first and after the last, as an untimed decode runs them), and the step of each graph key
+            that ran eagerly and was then recorded is reported apart, as "ms_per_capture" over "captures" steps.
         cuda_graphs: replay in-block steps as CUDA graphs (CUDA only). Fixed-count greedy steps are captured
             whole (rows, network, LM head, sampling, commit: no launches from Python,
             stats["cuda_graphs"] == "step"); otherwise only the row forward is ("forward"). Same kernels,
@@ -229,11 +230,13 @@ def generate(
         runner.forward = GraphedRowForward()
         step = GraphedSteps(runner)  # whole in-block steps as one graph where the step has no host sync
     times = {"refresh": [], "step": [], "full": [], "capture": []}
+    run = _ReplayRun(dev)
     nfe = refreshes = 0
     bar = tqdm(total=n_blocks * spb, disable=not progress, desc=f"{mode} decode", unit="step")
     _sync(dev)
     t_start = time.perf_counter()
     for blk in range(n_blocks):
+        run.flush(times)
         st.start_block(blk, mask_id)
         t = 0
         while True:
@@ -241,9 +244,13 @@ def generate(
                 break
             if rule[0] != "fixed" and not bool(st.masked.any()):
                 break
-            if timing:
+            replay = timing and cuda_graphs and step.replays(st, t)
+            if timing and not replay:
+                run.flush(times)
                 _sync(dev)
                 t0 = time.perf_counter()
+            elif replay:
+                run.start()
             res = step(st, t)
             refreshes += res.kind == "refresh"
             if res.kind == "step":
@@ -251,7 +258,9 @@ def generate(
                 stats.row_steps += 1
                 stats.sparse_steps += policy.sparse is not None
             nfe += 1
-            if timing:
+            if replay:
+                run.n += 1
+            elif timing:
                 _sync(dev)
                 times["capture" if res.captured else res.kind].append((time.perf_counter() - t0) * 1e3)
             if callback is not None:
@@ -265,6 +274,7 @@ def generate(
                 callback(nfe - 1, _user_layout(input_ids, canvas), info)
             t += 1
             bar.update(1)
+    run.flush(times)
     _sync(dev)
     elapsed = time.perf_counter() - t_start
     bar.close()
@@ -275,6 +285,26 @@ def generate(
     if cuda_graphs:
         stats_d["cuda_graphs"] = "step" if step.graphs else "forward"
     return GenerateOutput(out, nfe, stats_d)
+
+
+class _ReplayRun:
+    """Times consecutive replayed steps back to back, as an untimed decode runs them (no synchronize between
+    them): the mean of a run is recorded once per step when the run ends."""
+
+    def __init__(self, dev):
+        self.dev, self.n, self.t0 = dev, 0, None
+
+    def start(self):
+        if self.t0 is None:
+            _sync(self.dev)
+            self.t0 = time.perf_counter()
+
+    def flush(self, times: dict):
+        if self.t0 is None:
+            return
+        _sync(self.dev)
+        times["step"] += [(time.perf_counter() - self.t0) * 1e3 / self.n] * self.n
+        self.n, self.t0 = 0, None
 
 
 def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dtype, record: bool, group: int = 1) -> SparsePlan:

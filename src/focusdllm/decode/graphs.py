@@ -73,6 +73,11 @@ class GraphedSteps:
         self.graphs: dict = {}
         self.pool = torch.cuda.graph_pool_handle()
 
+    def replays(self, st, t: int) -> bool:
+        """Whether step t would replay an already captured graph."""
+        key = self.runner.graph_key(st, t)
+        return key is not None and key in self.graphs
+
     def __call__(self, st, t: int):
         key = self.runner.graph_key(st, t)
         if key is None:

@@ -1,7 +1,7 @@
 """Sink-aware block selection for sparse layers (paper step: prompt KV pruning).
 
 Prompt keys are grouped in blocks of `block_size` from slot 0; a block's representative key is the
-mean of its cached keys (computed once per refresh, kept in fp32 so no step converts it again). Focus
+mean of its cached keys (computed once per refresh, stored in fp32 so no step converts it again). Focus
 queries score the blocks, the top-K blocks per selection head are kept, and sinks plus every response
 position are always kept.
 """
@@ -23,14 +23,15 @@ def block_representatives(k: torch.Tensor, prompt_len: torch.Tensor, block_size:
         prompt_len: (B,) prompt length per row.
         n_blocks: blocks covering the longest prompt (host int).
     Returns:
-        (B, Hkv, n_blocks, D) float32.
+        (B, Hkv, n_blocks, D) float32 holding values of k's dtype (accumulated in fp32, then rounded: compiled and
+        eager sums then agree, so their top-K choices do too).
     """
     span = n_blocks * block_size
     inside = (torch.arange(span, device=k.device)[None, :] < prompt_len[:, None]).float()  # (B, span)
     w = rearrange(inside, "b (n s) -> b n s", s=block_size)
     kb = rearrange(k[:, :, :span].float(), "b h (n s) d -> b h n s d", s=block_size)
     total = torch.einsum("bhnsd,bns->bhnd", kb, w)
-    return total / w.sum(-1).clamp(min=1)[:, None, :, None]
+    return (total / w.sum(-1).clamp(min=1)[:, None, :, None]).to(k.dtype).float()
 
 
 def block_bounds(k: torch.Tensor, prompt_len: torch.Tensor, block_size: int, n_blocks: int):

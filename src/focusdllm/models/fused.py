@@ -58,6 +58,24 @@ def qkv_fn(x, nw, eps, w_qkv, b_qkv, cos, sin, hq: int, hkv: int, q_rows=None):
     return _rope(q, cr, sr), _rope(k, cos, sin), v.contiguous()
 
 
+def qkv_write_fn(x, nw, eps, w_qkv, b_qkv, cos, sin, hq: int, hkv: int, ck, cv, slots, q_rows=None):
+    """`qkv_fn`, then k, v written into the cache layer ck, cv (B, Hkv, Cap, D) at `slots` (B, T) in place
+    (fused into the RoPE kernel on CUDA); returns q only (attention then reads the cache)."""
+    q, k, v = qkv_fn(x, nw, eps, w_qkv, b_qkv, cos, sin, hq, hkv, q_rows)
+    scatter_kv(ck, cv, slots, k, v)
+    return q
+
+
+def scatter_kv(ck, cv, slots, k, v):
+    """ck[:, :, slots[b, t]] = k[:, :, t] (and v), in place. ck, cv (B, Hkv, Cap, D); k, v (B, Hkv, T, D)."""
+    b, h = k.shape[:2]
+    bi = torch.arange(b, device=k.device)[:, None, None]  # (B, 1, 1)
+    hi = torch.arange(h, device=k.device)[None, :, None]  # (1, Hkv, 1)
+    si = slots[:, None, :]  # (B, 1, T): index_put, which Inductor writes in place (a scatter_ copies the layer)
+    ck.index_put_((bi, hi, si), k)
+    cv.index_put_((bi, hi, si), v)
+
+
 def finish_fn(x, attn, wo, nw, eps, w_gu, wd):
     """Residual + output projection, then residual + SwiGLU MLP. attn (B, Hq, T, D); w_gu = [wg; wu]."""
     b, hq, t, d = attn.shape
@@ -92,18 +110,24 @@ def packed(blk, group: str, attr: str = "weight") -> torch.Tensor | None:
 
 @functools.cache
 def compiled():
-    """The two compiled functions (automatic dynamic shapes: lengths vary between calls); each also returns
+    """The compiled functions (automatic dynamic shapes: lengths vary between calls); each also returns
     whether it ran compiled (`compiled.flagged`), which `run_checked` turns into an error on eager fallback."""
-    return (torch.compile(flagged(qkv_fn), fullgraph=True), torch.compile(flagged(finish_fn), fullgraph=True))
+    return tuple(torch.compile(flagged(f), fullgraph=True) for f in (qkv_fn, finish_fn, qkv_write_fn))
+
+
+def block_qkv_write(blk, x, cos, sin, ck, cv, slots, q_rows=None):
+    *_, qkv_write = compiled()
+    return run_checked(qkv_write, x, blk.attn_norm.weight, blk.attn_norm.eps, packed(blk, "qkv"),
+                       packed(blk, "qkv", "bias"), cos, sin, blk.n_heads, blk.n_kv_heads, ck, cv, slots, q_rows)
 
 
 def block_qkv(blk, x, cos, sin, q_rows=None):
-    qkv, _ = compiled()
+    qkv, *_ = compiled()
     return run_checked(qkv, x, blk.attn_norm.weight, blk.attn_norm.eps, packed(blk, "qkv"),
                        packed(blk, "qkv", "bias"), cos, sin, blk.n_heads, blk.n_kv_heads, q_rows)
 
 
 def block_finish(blk, x, attn):
-    _, fin = compiled()
+    _, fin, _ = compiled()
     return run_checked(fin, x, attn, blk.o_proj.weight, blk.mlp_norm.weight, blk.mlp_norm.eps, packed(blk, "gu"),
                        blk.down_proj.weight)

@@ -94,6 +94,15 @@ class Block(nn.Module):
         v = rearrange(self.v_proj(h), "b t (h d) -> b h t d", h=self.n_kv_heads)
         return rope.apply(q, cq, sq), rope.apply(k, cos, sin), v
 
+    def qkv_into(self, x, rope: Rotary, cos, sin, ck: torch.Tensor, cv: torch.Tensor, slots: torch.Tensor,
+                 q_rows: torch.Tensor | None = None):
+        """`qkv`, writing k, v into the cache layer ck, cv (B, Hkv, Cap, D) at `slots` (B, T); returns q."""
+        if self.fused:
+            return fused.block_qkv_write(self, x, cos, sin, ck, cv, slots, q_rows)
+        q, k, v = self.qkv(x, rope, cos, sin, q_rows)
+        fused.scatter_kv(ck, cv, slots, k, v)
+        return q
+
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """attn (B, Hq, T, D) -> residual + output projection, then the SwiGLU MLP."""
         if self.fused:
