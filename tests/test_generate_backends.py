@@ -110,17 +110,15 @@ def test_whole_step_graphs_equal_eager_fp32(arch):
 
 @pytest.mark.gpu
 def test_whole_step_graphs_catch_stale_state(monkeypatch):
-    """Planted bug: a block start that rebinds the mask instead of updating it in place leaves the captured
-    steps reading the first block's mask; the equality above must then fail."""
+    """Planted bug: a block start that rebinds the still-masked flags instead of updating them in place leaves
+    the captured steps reading (and writing) the first block's flags; the equality above must then fail."""
     from focusdllm.decode.step import DecodeState
 
+    real_start = DecodeState.start_block
+
     def rebinding_start(self, blk, mask_id):
-        bl = self.slots.shape[1]
-        self.block = blk
-        self.block_start = self.canvas.prompt_len + blk * bl
-        self.slots = self.block_start[:, None] + torch.arange(bl, device=self.slots.device)
-        self.masked = torch.gather(self.canvas.x, 1, self.slots) == mask_id
-        self.conf_buf = torch.zeros_like(self.conf_buf)
+        real_start(self, blk, mask_id)
+        self.masked = self.masked.clone()  # same values, new tensor: eager runs do not care
 
     model = _fp32_model("llada")
     ids = _case(model, 1, 700)
