@@ -258,9 +258,7 @@ def generate(
                 stats.row_steps += 1
                 stats.sparse_steps += policy.sparse is not None
             nfe += 1
-            if replay:
-                run.n += 1
-            elif timing:
+            if timing and not replay:
                 _sync(dev)
                 times["capture" if res.captured else res.kind].append((time.perf_counter() - t0) * 1e3)
             if callback is not None:
@@ -295,9 +293,11 @@ class _ReplayRun:
         self.dev, self.n, self.t0 = dev, 0, None
 
     def start(self):
+        """Count one more replayed step, starting the timer at the first of a run."""
         if self.t0 is None:
             _sync(self.dev)
             self.t0 = time.perf_counter()
+        self.n += 1
 
     def flush(self, times: dict):
         if self.t0 is None:

@@ -44,8 +44,7 @@ def sample_tokens(
     """
     if temperature == 0 and remasking == "low_confidence":
         return compiled_on_cuda(greedy_confidence)(logits, mask_id)  # one fused pass on CUDA
-    logits = logits.to(torch.float32, copy=True)  # the mask column is overwritten
-    logits[..., mask_id] = NEG
+    logits = _masked_fp32(logits, mask_id)
     draw = [True] * logits.shape[0] if draw is None else draw
 
     def rand(shape, g, d):
@@ -102,9 +101,15 @@ def greedy_confidence(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor,
     """Argmax token and its float64 softmax probability, without the (B, bl, V) probability tensor.
 
     At the argmax, softmax_x0 = exp(0) / sum_j exp(l_j - max) (the official samplers' value, same formula)."""
-    logits = logits.to(torch.float32, copy=True)  # (B, bl, V)
-    logits[..., mask_id] = NEG
+    logits = _masked_fp32(logits, mask_id)  # (B, bl, V)
     x0 = logits.argmax(-1)
     ld = logits.double()
     conf = 1.0 / torch.exp(ld - ld.amax(-1, keepdim=True)).sum(-1)
     return x0, conf
+
+
+def _masked_fp32(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """An fp32 copy of logits (B, bl, V) in which the mask id can never win."""
+    out = logits.to(torch.float32, copy=True)
+    out[..., mask_id] = NEG
+    return out

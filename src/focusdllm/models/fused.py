@@ -115,16 +115,20 @@ def compiled():
     return tuple(torch.compile(flagged(f), fullgraph=True) for f in (qkv_fn, finish_fn, qkv_write_fn))
 
 
+def _qkv_args(blk, x, cos, sin):
+    """The leading arguments of `qkv_fn` / `qkv_write_fn` for one block."""
+    return (x, blk.attn_norm.weight, blk.attn_norm.eps, packed(blk, "qkv"), packed(blk, "qkv", "bias"), cos, sin,
+            blk.n_heads, blk.n_kv_heads)
+
+
 def block_qkv_write(blk, x, cos, sin, ck, cv, slots, q_rows=None):
     *_, qkv_write = compiled()
-    return run_checked(qkv_write, x, blk.attn_norm.weight, blk.attn_norm.eps, packed(blk, "qkv"),
-                       packed(blk, "qkv", "bias"), cos, sin, blk.n_heads, blk.n_kv_heads, ck, cv, slots, q_rows)
+    return run_checked(qkv_write, *_qkv_args(blk, x, cos, sin), ck, cv, slots, q_rows)
 
 
 def block_qkv(blk, x, cos, sin, q_rows=None):
     qkv, *_ = compiled()
-    return run_checked(qkv, x, blk.attn_norm.weight, blk.attn_norm.eps, packed(blk, "qkv"),
-                       packed(blk, "qkv", "bias"), cos, sin, blk.n_heads, blk.n_kv_heads, q_rows)
+    return run_checked(qkv, *_qkv_args(blk, x, cos, sin), q_rows)
 
 
 def block_finish(blk, x, attn):
