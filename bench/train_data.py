@@ -100,3 +100,29 @@ def make_batch(rng: random.Random, length: int, rows: int, aux_frac: float = 0.0
             ai, ar = copy_rows(rng, length, n, **{**kw, **extra})
             ids, region = torch.cat([ai, ids]), torch.cat([ar, region])
     return ids, region
+
+
+def step_batch(a, step: int, p: float, gate_p: float | None = None):
+    """Batch `step` of a run (progress p in [0, 1]) as a pure function of the args and the step: its length
+    from the curriculum, about --batch-tokens tokens of task and copy rows -> (L, ids (B, L), region (B, L))."""
+    rng = random.Random(a.seed * 1_000_003 + step)
+    length = sample_length(rng, p, a, gate_p if a.gate_acc > 0 else None)
+    rows = max(1, a.batch_tokens // length)
+    aux_kw = dict(alphabet=a.aux_alphabet, mmin=a.aux_chunk[0], mmax=a.aux_chunk[1],
+                  src_frac=(a.aux_src[0], a.aux_src[1]), exact=a.aux_exact)
+    ids, region = make_batch(rng, length, rows, aux_fraction(p, a), a.tasks, aux_kw, a.task_weights, a.edge_depth)
+    return length, ids, region
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """The batches of a fixed-step run (--steps N), indexed by step, so DataLoader workers build them ahead
+    of the GPU (the CPU cost of a batch is ~10-20 ms, a step's GPU time about as much)."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __len__(self) -> int:
+        return self.a.steps
+
+    def __getitem__(self, step: int):
+        return step_batch(self.a, step, step / self.a.steps)

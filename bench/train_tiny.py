@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ from focusdllm.models.loading import init_random  # noqa: E402
 from focusdllm.tasks import GEN_LENGTH, TASKS, VOCAB, evaluate, make_cases  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_data import aux_fraction, length_ramp, make_batch, sample_length  # noqa: E402
+from train_data import StepBatches, length_ramp, step_batch  # noqa: E402
 
 PRESETS = {
     # CI: a few steps on CPU, seconds
@@ -80,7 +79,7 @@ def build_config(a) -> ModelConfig:
 
 def diffusion_loss(model, ids, region, gen: torch.Generator, eps: float = 1e-3, t_weight: bool = True):
     """LLaDA SFT loss: mask the region with ratio t per row; CE / t on masked tokens over the region size
-    (t_weight), or the plain mean CE over masked tokens."""
+    (t_weight), or the plain mean CE over masked tokens. No host sync (no boolean indexing)."""
     b, n = ids.shape
     dev = ids.device
     t = eps + (1 - eps) * torch.rand(b, 1, device=dev, generator=gen)
@@ -88,12 +87,14 @@ def diffusion_loss(model, ids, region, gen: torch.Generator, eps: float = 1e-3, 
     x = torch.where(masked, model.config.mask_id, ids)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         logits = model(x)
-    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")
+    ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(b, n)
+    ce = ce * masked
+    n_masked = masked.sum().clamp(min=1)
     if t_weight:
-        loss = (ce / t.expand(b, n)[masked]).sum() / region.sum()
+        loss = (ce / t).sum() / region.sum()
     else:
-        loss = ce.sum() / masked.sum().clamp(min=1)
-    return loss, ce.mean().detach() if ce.numel() else ce.sum().detach()
+        loss = ce.sum() / n_masked
+    return loss, (ce.sum() / n_masked).detach()
 
 
 def snapshot(model, cfg, out: Path, dtype) -> None:
@@ -159,7 +160,8 @@ def suite_eval(model, lengths, tasks, depths=5, per_depth=2, seed=1234):
     return out
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The recipe's arguments: the preset's values where a flag is not given."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="h100")
     ap.add_argument("--out", required=True, help="folder for config.json, model.safetensors, logs")
@@ -208,17 +210,32 @@ def main(argv=None):
     ap.add_argument("--save-dtype", choices=["bfloat16", "float32"], default=None)
     ap.add_argument("--ckpt", help="where to write the training checkpoint (default: OUT/ckpt.pt)")
     ap.add_argument("--resume", help="a ckpt.pt written by an earlier run (continues its schedule)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="DataLoader processes building batches ahead (needs --steps; 0: inline)")
+    ap.add_argument("--compile", type=int, default=None, help="1: torch.compile the training forward")
+    ap.add_argument("--stop-after", type=float, default=0.0,
+                    help="minutes: write the checkpoint and stop (a fixed-step run continues with --resume)")
     a = ap.parse_args(argv)
     defaults = dict(weight_decay=0.1, aux_start=0.5, aux_end=0.1, aux_decay=0.5, aux_exact=0.5, gate_acc=0.0,
                     gate_max=0.5, hold=0.2, ramp=0.6, save_every=0.0, rope_theta=500000.0, final_generate=0,
-                    save_dtype="bfloat16")
+                    save_dtype="bfloat16", workers=0, compile=0)
     for k, v in {**defaults, **PRESETS[a.preset]}.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
     if a.task_weights is not None and len(a.task_weights) != len(a.tasks):
         raise SystemExit(f"--task-weights needs one weight per task in {a.tasks}")
+    if a.workers and not a.steps:
+        raise SystemExit("--workers builds the batches of a fixed-step run: pass --steps N (or --workers 0)")
+    if a.workers and a.gate_acc > 0:
+        raise SystemExit("--gate-acc changes the lengths at run time, so batches cannot be built ahead: "
+                         "pass --workers 0 or --gate-acc 0")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available; pass --device cpu")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     dev = torch.device(a.device)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,30 +277,34 @@ def main(argv=None):
     tok_since, t_log = 0, time.time()
     losses = []
     gate_p, t_save = None, time.time()
+    fwd = torch.compile(model, dynamic=True) if a.compile else model
+    batches = None
+    if a.workers:  # fixed-step runs: batches are built ahead by worker processes
+        batches = iter(torch.utils.data.DataLoader(
+            StepBatches(a), batch_size=None, sampler=range(step, a.steps), num_workers=a.workers,
+            pin_memory=dev.type == "cuda", prefetch_factor=4, persistent_workers=False))
+    device_skip = dev.type == "cuda"  # fused AdamW skips a non-finite step on the device (no host sync)
     while True:
         elapsed = time.time() - t_start
         p = step / a.steps if a.steps else elapsed / budget
-        if p >= 1.0 or elapsed >= budget:
+        if p >= 1.0 or (not a.steps and elapsed >= budget):
             break
         if a.gate_acc > 0 and gate_p is None and p >= a.gate_max:
             gate_p = p
             emit({"event": "gate", "step": step, "p": p, "forced": True})
-        rng = random.Random(a.seed * 1_000_003 + step)
-        L = sample_length(rng, p, a, gate_p if a.gate_acc > 0 else None)
-        rows = max(1, a.batch_tokens // L)
-        aux_kw = dict(alphabet=a.aux_alphabet, mmin=a.aux_chunk[0], mmax=a.aux_chunk[1],
-                      src_frac=(a.aux_src[0], a.aux_src[1]), exact=a.aux_exact)
-        ids, region = make_batch(rng, L, rows, aux_fraction(p, a), a.tasks, aux_kw, a.task_weights,
-                                 a.edge_depth)
+        L, ids, region = next(batches) if batches is not None else step_batch(a, step, p, gate_p)
         ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, ce = diffusion_loss(model, ids, region, gen, t_weight=bool(a.t_weight))
+        loss, ce = diffusion_loss(fwd, ids, region, gen, t_weight=bool(a.t_weight))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if torch.isfinite(gnorm):  # skip a non-finite step rather than poison the weights
+        if device_skip:  # skip a non-finite step rather than poison the weights
+            opt.found_inf = (~torch.isfinite(gnorm)).float()
+            opt.step()
+        elif torch.isfinite(gnorm):
             opt.step()
         step += 1
         tok_since += ids.numel()
@@ -291,7 +312,7 @@ def main(argv=None):
         if step % a.log_every == 0:
             ls = torch.stack(losses).float().cpu()
             now = time.time()
-            emit({"step": step, "p": p, "len": L, "rows": rows, "loss": ls.mean().item(), "ce": ce.item(),
+            emit({"step": step, "p": p, "len": L, "rows": ids.shape[0], "loss": ls.mean().item(), "ce": ce.item(),
                   "gnorm": gnorm.item(), "lr": lr, "tok_s": tok_since / (now - t_log),
                   "elapsed": now - t_start})
             losses, tok_since, t_log = [], 0, time.time()
@@ -312,11 +333,19 @@ def main(argv=None):
         if a.save_every and time.time() - t_save >= a.save_every:
             snapshot(model, cfg, out, getattr(torch, a.save_dtype))
             t_save = time.time()
+        if a.stop_after and a.steps and time.time() - t_start >= a.stop_after * 60:  # pause: --resume continues the run
+            emit({"event": "paused", "step": step})
+            break
+    if hasattr(opt, "found_inf"):
+        del opt.found_inf
     trained_s = time.time() - t_start
     emit({"event": "trained", "steps": step, "train_secs": trained_s})
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "trained_s": trained_s,
                 "gen": gen.get_state()}, a.ckpt or out / "ckpt.pt")
     snapshot(model, cfg, out, getattr(torch, a.save_dtype))
+    if step < a.steps:  # paused by --stop-after: no final eval yet
+        log.close()
+        return []
     del model, opt
     shipped = load_model(out, device=dev)  # evaluate exactly what ships (fp32 from the saved weights)
     te = time.time()

@@ -1,0 +1,85 @@
+"""Training throughput of focus-tiny's recipe (bench/train_tiny.py) by loop variant and length.
+
+For each model shape and length: steps timed after a warm-up, with the batch built inline (the CPU then
+waits on the GPU and vice versa), built ahead by DataLoader workers, and with the forward compiled too.
+Sets --steps of a fixed-step run that must fit a time budget.
+
+    python bench/probe_train.py --lengths 1024 8192 16384 --layers 4 6 --out probe_train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_tiny  # noqa: E402
+from train_data import StepBatches, step_batch  # noqa: E402
+
+
+def run(a, variant: str, steps: int, warmup: int) -> float:
+    """tokens/s of `steps` training steps after `warmup` ones (fresh model and optimizer)."""
+    dev = torch.device(a.device)
+    model = train_tiny.init_random(train_tiny.DiffusionLM(train_tiny.build_config(a)).to(dev), seed=0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    fwd = torch.compile(model, dynamic=True) if variant == "compile" else model
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a.steps = warmup + steps
+    loader = None
+    if variant != "inline":
+        loader = iter(torch.utils.data.DataLoader(StepBatches(a), batch_size=None, sampler=range(a.steps),
+                                                  num_workers=a.workers, pin_memory=True, prefetch_factor=4))
+    tok = 0
+    for i in range(a.steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0, tok = time.perf_counter(), 0
+        _, ids, region = next(loader) if loader else step_batch(a, i, 0.5)
+        ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
+        loss, _ = train_tiny.diffusion_loss(fwd, ids, region, gen, t_weight=False)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if variant == "inline":
+            if torch.isfinite(gnorm):  # the old loop's per-step host sync
+                opt.step()
+        else:
+            opt.found_inf = (~torch.isfinite(gnorm)).float()
+            opt.step()
+        tok += ids.numel()
+    torch.cuda.synchronize()
+    return tok / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 16384])
+    ap.add_argument("--layers", type=int, nargs="+", default=[4])
+    ap.add_argument("--variants", nargs="+", default=["inline", "workers", "compile"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--out", required=True)
+    p = ap.parse_args()
+    rows = []
+    for layers in p.layers:
+        for variant in p.variants:
+            torch._dynamo.reset()  # one dynamic-shape compile serves every length
+            for L in p.lengths:
+                a = train_tiny.parse_args(["--preset", "h100", "--out", "/tmp/probe", "--n-layers", str(layers),
+                                           "--min-len", str(L), "--max-len", str(L), "--steps", "1"])
+                a.workers = p.workers
+                tps = run(a, variant, p.steps, p.warmup)
+                rows.append({"layers": layers, "variant": variant, "length": L, "tokens_per_s": tps})
+                print(json.dumps(rows[-1]), flush=True)
+                Path(p.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                                   "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
