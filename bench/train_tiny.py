@@ -61,12 +61,12 @@ PRESETS = {
                 batch_tokens=8192, steps=1200, minutes=60.0, lr=2e-3, warmup=50, eval_every=200,
                 eval_lengths=[384, 640, 1024], eval_n=16, device="cpu", log_every=20),
     # the shipped model: one H100, one call (bench/probe_train.py: ~2.4x the old loop's tokens/s at 8K)
-    "h100": dict(d_model=256, n_layers=4, n_heads=4, mlp_hidden=768, min_len=512, max_len=16576,
-                 batch_tokens=65536, steps=24000, minutes=15.0, lr=1.5e-3, warmup=100, eval_every=0,
+    "h100": dict(d_model=256, n_layers=4, n_heads=4, mlp_hidden=768, min_len=320, max_len=16576,
+                 batch_tokens=65536, steps=22000, minutes=15.0, lr=1.5e-3, warmup=100, eval_every=0,
                  eval_lengths=[2048, 4096, 8192, 16384], eval_n=16, device="cuda", log_every=100,
-                 weight_decay=0.05, aux_start=0.6, aux_end=0.05, aux_decay=0.5, aux_exact=0.5, gate_acc=0.0,
-                 hold=0.15, ramp=0.6, save_every=60.0, save_dtype="float32", final_generate=1, rope_theta=1e6,
-                 workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.2, seed=5),
+                 weight_decay=0.05, aux_start=0.7, aux_end=0.05, aux_decay=0.6, aux_exact=0.5, gate_acc=0.0,
+                 hold=0.2, ramp=0.65, save_every=60.0, save_dtype="float32", final_generate=1, rope_theta=1e6,
+                 workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.2, seed=0),
 }
 
 
