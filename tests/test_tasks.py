@@ -114,3 +114,15 @@ def test_focus_tiny_solves_short_passkey():
     out = dense_decode(model, prompts, cases[0]["gen_length"], tokens_per_step=2).tolist()
     for c, o in zip(cases, out):
         assert o[: len(c["outputs"])] == c["outputs"], render(c)
+
+
+def test_multikey_never_runs_out_of_digit_bigrams():
+    """Dense needles (10 keys x 8 digits = 80 of the 100 digit bigrams) can leave a digit with no unused
+    successor; the draw restarts instead of failing (training once stopped on this), and stays unique."""
+    for seed in range(3):
+        for c in make_cases("multikey", 40, 400, seed=seed, n_needles=10, answer_len=8):
+            inp = c["input"]  # filler has no digits: every digit sits in a needle, after a key or a digit
+            is_digit = [VOCAB.digit0 <= t < VOCAB.digit0 + 10 for t in inp]
+            pairs = [(inp[i - 1], inp[i]) for i in range(1, len(inp)) if is_digit[i]]
+            assert len(pairs) == 80
+            assert len(pairs) == len(set(pairs))

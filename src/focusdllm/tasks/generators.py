@@ -27,18 +27,26 @@ _TASK_ID = {t: i for i, t in enumerate(TASKS)}
 GEN_LENGTH = {"passkey": 32, "multikey": 32, "spancopy": 128}
 
 
-def _digits(rng: random.Random, n: int, used: set, prev: int, v: Vocab) -> list[int]:
-    """n digit tokens such that no (prev, next) bigram repeats one already in `used`."""
-    out = []
-    for _ in range(n):
-        choices = [v.digit0 + d for d in range(10) if (prev, v.digit0 + d) not in used]
-        if not choices:
-            raise ValueError("ran out of unique digit bigrams; use fewer or shorter needles")
-        tok = rng.choice(choices)
-        used.add((prev, tok))
-        out.append(tok)
-        prev = tok
-    return out
+def _digits(rng: random.Random, n: int, used: set, prev: int, v: Vocab, tries: int = 100) -> list[int]:
+    """n digit tokens such that no (prev, next) bigram repeats one already in `used` (added to it).
+
+    A draw can reach a digit whose every successor is used; it is then drawn again from the start (the first
+    draw, the usual case, consumes `rng` exactly as a single pass does).
+    """
+    for _ in range(tries):
+        out, new, p = [], set(), prev
+        for _ in range(n):
+            choices = [v.digit0 + d for d in range(10) if (p, v.digit0 + d) not in used | new]
+            if not choices:
+                break
+            tok = rng.choice(choices)
+            new.add((p, tok))
+            out.append(tok)
+            p = tok
+        else:
+            used |= new
+            return out
+    raise ValueError("ran out of unique digit bigrams; use fewer or shorter needles")
 
 
 def _assemble(filler: list[int], needles: list[tuple[int, list[int]]], target: int) -> tuple[list[int], int]:
