@@ -67,6 +67,13 @@ PRESETS = {
                  weight_decay=0.05, aux_start=0.7, aux_end=0.05, aux_decay=0.6, aux_exact=0.5, gate_acc=0.0,
                  hold=0.2, ramp=0.65, save_every=60.0, save_dtype="float32", final_generate=1, rope_theta=1e6,
                  workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.2, seed=0),
+    # stage 2 of the shipped model: continue stage 1 (--init-from) at 1K-16.5K with a lower LR, few copy rows
+    "h100-refine": dict(d_model=256, n_layers=4, n_heads=4, mlp_hidden=768, min_len=1024, max_len=16576,
+                        batch_tokens=65536, steps=11000, minutes=15.0, lr=5e-4, warmup=50, eval_every=0,
+                        eval_lengths=[2048, 4096, 8192, 16384], eval_n=16, device="cuda", log_every=100,
+                        weight_decay=0.05, aux_start=0.05, aux_end=0.02, aux_decay=0.5, aux_exact=0.5,
+                        gate_acc=0.0, hold=0.0, ramp=0.35, save_every=60.0, save_dtype="float32", final_generate=1,
+                        rope_theta=1e6, workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.25, seed=6),
 }
 
 
@@ -222,6 +229,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in {**defaults, **PRESETS[a.preset]}.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
+    if a.preset == "h100-refine" and not (a.init_from or a.resume):
+        raise SystemExit("--preset h100-refine continues a model: pass --init-from <stage-1 output folder>")
     if a.task_weights is not None and len(a.task_weights) != len(a.tasks):
         raise SystemExit(f"--task-weights needs one weight per task in {a.tasks}")
     if a.workers and not a.steps:
