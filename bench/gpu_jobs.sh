@@ -31,7 +31,7 @@ case "${1:-}" in
     timeout 540 python -m pytest -q bench/bench_attention_ops.py -k "q32 and (0.1 or dense)" \
       --benchmark-json="$OUT/attention_ops.json" 2>&1 | quiet | tail -20 > "$OUT/attention_ops.log" ;;
   fidelity)
-    timeout 540 python -m focusdllm.evaluate --tasks passkey multikey spancopy --lengths 2048 4096 8192 \
+    timeout 560 python -m focusdllm.evaluate --tasks passkey multikey spancopy --lengths 2048 4096 8192 16384 \
       --modes dense fastdllm focus focus-flex focus-fast focus-fast-sparse focus-fast-slim-sparse bad \
       --out "$OUT/fidelity.json" --heatmap "$OUT/fidelity.png" 2>&1 | quiet > "$OUT/fidelity.log" ;;
   *) echo "usage: bash bench/gpu_jobs.sh tests|e2e-4k-16k|e2e-32k|e2e-64k|e2e-dream-32k|ops|fidelity" >&2; exit 2 ;;
