@@ -5,29 +5,27 @@ t ~ U(eps, 1) per example, and the loss is the mean CE on masked positions (--t-
 Retrieval does not form from the sparse task answers alone (loss plateau, 0% exact match); auxiliary
 induction "copy rows" (random tokens then copies of them, every copied token a masked target; half of
 them one exact copy at a per-row offset, half 8-64-token chunks) give a dense copy signal and break the
-plateau (--aux-*). Lengths are held short until the periodic eval passes --gate-acc (or --gate-max). Lengths follow a
-curriculum from short to --max-len; batches hold about --batch-tokens tokens. Data are generated on
-the fly from the seed (focusdllm.tasks), so there is no dataset file.
+plateau (--aux-*). Lengths follow a curriculum: --min-len for the first --hold of the run, then up to
+--max-len at --ramp; batches hold about --batch-tokens tokens. Data are generated from the seed and the
+step (focusdllm.tasks), so there is no dataset file; in a fixed-step run (--steps N) DataLoader workers
+build them ahead of the GPU and the run is reproducible.
 
-    python bench/train_tiny.py --preset h100 --out runs/focus-tiny          # one H100, ~8 min
-    python bench/train_tiny.py --preset smoke --out /tmp/smoke              # CPU, seconds
+The shipped weights (run 8, bench/results/train_log_run7.jsonl + train_log_run8.jsonl), two stages on one
+H100, 695 s of training in all (11.6 min; each stage fits one 10-minute device call):
 
-The shipped weights continue that run in three steps (bench/README.md): run 2 (1K-8K), run 3
-(bench/results/train_log_run3.jsonl: few copy rows, which hold most masked tokens and so most of the loss;
-batches weighted toward the weak tasks) and run 4 (bench/results/train_log_run4.jsonl: a quarter of the task
-rows with the needle at depth exactly 0 or 1, where the fidelity suite's span copy failed), i.e.
+    python bench/train_tiny.py --preset h100 --out runs/stage1                                   # 421 s
+    python bench/train_tiny.py --preset h100-refine --init-from runs/stage1 --out runs/focus-tiny  # 274 s
+    python bench/train_tiny.py --preset smoke --out /tmp/smoke                                   # CPU, seconds
 
-    python bench/train_tiny.py --preset h100 --out runs/run4 --init-from src/focusdllm/weights/focus-tiny \
-        --minutes 4.8 --lr 5e-4 --warmup 50 --min-len 1024 --max-len 8448 --hold 0.0 --ramp 0.3 \
-        --gate-acc 0 --aux-start 0.05 --aux-end 0.02 --aux-decay 0.5 \
-        --tasks passkey,multikey,spancopy --task-weights 1,2,2 --edge-depth 0.25 --eval-every 0 \
-        --eval-n 32 --eval-lengths 2048,4096,8192,16384 --suite-lengths 2048,4096,8192 --seed 4
+Stage 1 starts from random weights at 320 tokens with 70 % copy rows (the plateau breaks near step 2000; a
+512-token start with 60 % copy rows had not left it by step 10000: train_log_run5_plateau.jsonl) and ramps
+to 16.5K; stage 2 continues at 1K-16.5K with LR 5e-4 and 2-5 % copy rows. Both weight batches 1:2:2 toward
+multikey and span copy and put a fifth to a quarter of the needles at depth exactly 0 or 1 (the suite's
+edges). bench/probe_train.py: compiled forward + workers run 2.4x (8K) to 4.5x (1K) the tokens/s of the
+loop before (bench/results/probe_train_h100.json). Earlier weights (runs 1-4, 6b) were a chain of
+wall-clock runs; bench/README.md lists them.
 
-(from the run-3 weights; run 3 itself: --minutes 7.7 --lr 7e-4 --max-len 8192 --hold 0.02 --ramp 0.45
---aux-start 0.1 --task-weights 1,3,2 --eval-every 1500 --eval-n 16 --seed 3, no --edge-depth).
-
-With --steps N the schedule (LR, lengths) follows the step count and the run is reproducible;
-with --steps 0 it follows the wall clock (--minutes), and the log records the steps reached.
+With --steps 0 the schedule follows the wall clock (--minutes) instead, and the log records the steps reached.
 """
 
 from __future__ import annotations

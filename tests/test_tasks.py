@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,23 @@ def test_train_smoke(tmp_path):
 
     m = load_model(tmp_path)
     assert m.config.mask_id == VOCAB.mask_id and m.config.vocab_size == VOCAB.size
+
+
+def test_train_batches_built_ahead_equal_inline():
+    """A fixed-step run's batches are a function of (args, step): DataLoader workers build the same ones
+    the loop would build inline, in step order, so --workers does not change the run."""
+    train = _load_train()
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_data import StepBatches, step_batch
+
+    a = train.parse_args(["--preset", "smoke", "--out", "/tmp/unused", "--steps", "6", "--min-len", "320",
+                          "--max-len", "2048", "--hold", "0", "--ramp", "0.5"])
+    loader = torch.utils.data.DataLoader(StepBatches(a), batch_size=None, sampler=range(2, 6), num_workers=2)
+    got = list(loader)
+    assert len({g[0] for g in got}) > 1  # the curriculum moves: several lengths
+    for step, (L, ids, region) in zip(range(2, 6), got):
+        L0, ids0, region0 = step_batch(a, step, step / a.steps)
+        assert L == L0 and torch.equal(ids, ids0) and torch.equal(region, region0)
 
 
 @pytest.mark.skipif(not (WEIGHTS / "model.safetensors").is_file(), reason="focus-tiny weights not shipped yet")
