@@ -1,8 +1,11 @@
 """Which part of Focus-dLLM costs accuracy on the shipped model: one change at a time (CPU is enough).
 
     python bench/ablate_focus.py --length 2048 --out bench/results/ablation_cpu_2k.json
+    python bench/ablate_focus.py --length 8192 --tasks passkey multikey spancopy --device cuda --dtype bfloat16 \
+        --out bench/results/ablation_h100_8k.json
 
-Cases: passkey + multikey, 5 needle depths x 2 (the `focusdllm eval` cases), decoded 1 token per step.
+Cases: 5 needle depths x 2 per task (the `focusdllm eval` cases; default passkey + multikey), decoded 1 token
+per step. The JSON is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -34,8 +37,12 @@ GRID = {
     "bound, num_sinks=64": FocusConfig(block_score="bound", num_sinks=64, **T),
     "bound, sink_layer=2": FocusConfig(block_score="bound", sink_layer=2, **T),
     "fast (reuse + bound)": FocusConfig.fast(**T),
+    "fast, keep_ratio=1 (reuse only)": FocusConfig.fast(keep_ratio=1.0, **T),
+    "fast_sparse (default)": FocusConfig.fast_sparse(**T),
     "fast, prefill_keep=0.5": FocusConfig.fast(prefill_keep=0.5, **T),
     "fast, prefill_keep=0.25": FocusConfig.fast(prefill_keep=0.25, **T),
+    "fast, prefill_keep=0.5, prefill_layer=2": FocusConfig.fast(prefill_keep=0.5, prefill_layer=2, **T),
+    "fast, prefill_keep=0.25, prefill_layer=2": FocusConfig.fast(prefill_keep=0.25, prefill_layer=2, **T),
 }
 
 
@@ -44,14 +51,19 @@ def main():
     p.add_argument("--model", default="focus-tiny")
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tasks", nargs="+", default=["passkey", "multikey"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    model = focusdllm.load_model(a.model)
+    model = focusdllm.load_model(a.model, dtype=getattr(torch, a.dtype), device=a.device)
     cases = []
-    for task in ("passkey", "multikey"):
+    for task in a.tasks:
         for di in range(5):
             cases += make_cases(task, 2, a.length, seed=a.seed + di, depth=di / 4)
-    res = {"model": a.model, "length": a.length, "n": len(cases), "torch": torch.__version__, "rows": {}}
+    res = {"model": a.model, "length": a.length, "n": len(cases), "tasks": a.tasks, "dtype": a.dtype,
+           "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
+           "rows": {}}
     ref = None
     for name, cfg in GRID.items():
         E.MODES[name] = dict(mode="vanilla") if cfg is None else dict(mode="focus", focus=cfg)
@@ -63,10 +75,12 @@ def main():
         agree = sum(sum(x == y for x, y in zip(g, r)) / len(g) for g, r in zip(gens, ref)) / len(gens)
         res["rows"][name] = {"acc": sum(hits) / len(hits), "agreement": agree, "ci95": E.bootstrap_ci(hits),
                              "config": None if cfg is None else cfg.__dict__, "seconds": time.perf_counter() - t0}
-        print(f"{name:<26} acc {100 * sum(hits) / len(hits):5.1f}%  agreement {100 * agree:5.1f}%", flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        res["rows"][name]["misses"] = [(c["task"], round(c["depth"], 2)) for c, h in zip(cases, hits) if not h]
+        print(f"{name:<32} acc {100 * sum(hits) / len(hits):5.1f}%  agreement {100 * agree:5.1f}%  "
+              f"misses {res['rows'][name]['misses']}", flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":
