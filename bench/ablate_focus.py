@@ -54,8 +54,12 @@ def main():
     p.add_argument("--tasks", nargs="+", default=["passkey", "multikey"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--rows", nargs="+", default=None, help="run only these rows of the grid (names as printed)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    unknown = set(a.rows or []) - set(GRID)
+    if unknown or (a.rows and "dense" not in a.rows):
+        raise SystemExit(f"--rows needs 'dense' (the reference) and names from the grid; unknown: {sorted(unknown)}")
     model = focusdllm.load_model(a.model, dtype=getattr(torch, a.dtype), device=a.device)
     # every row is another config (block size, sinks, ...), so its compiled kernels are new ones by design
     torch._dynamo.config.recompile_limit = 64
@@ -68,6 +72,8 @@ def main():
            "rows": {}}
     ref = None
     for name, cfg in GRID.items():
+        if a.rows and name not in a.rows:
+            continue
         E.MODES[name] = dict(mode="vanilla") if cfg is None else dict(mode="focus", focus=cfg)
         t0 = time.perf_counter()
         preds, _ = E.run_cases(model, cases, [name], log=lambda s: None)

@@ -127,7 +127,7 @@ def test_focus_tiny_solves_short_passkey():
     torch.manual_seed(0)
     model = load_model("focus-tiny")
     assert model.config.vocab_size == VOCAB.size and model.config.mask_id == VOCAB.mask_id
-    cases = make_cases("passkey", 4, 1024, seed=7)  # inside the trained lengths (1K-8K)
+    cases = make_cases("passkey", 4, 1024, seed=7)  # inside the trained lengths (320 to 16.5K tokens)
     prompts = torch.tensor([c["input"] for c in cases])
     out = dense_decode(model, prompts, cases[0]["gen_length"], tokens_per_step=2).tolist()
     for c, o in zip(cases, out):

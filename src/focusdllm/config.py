@@ -225,9 +225,9 @@ class FocusConfig:
 
     @classmethod
     def fast_sparse(cls, **kw) -> FocusConfig:
-        """`fast()` + sparse prefill over 10 % of prompt key blocks: the fastest setting that measured lossless
-        on the fidelity suite (bench/results/fidelity_h100.json; 5.4x Fast-dLLM dual at 32K on an H100:
-        bench/results/e2e_h100_32k.json)."""
+        """`fast()` + sparse prefill over 10 % of prompt key blocks: the fastest setting within one case of 30
+        of dense on the fidelity suite (bench/results/fidelity_h100.json; 5.4x Fast-dLLM dual at 32K on an
+        H100: bench/results/e2e_h100_32k.json)."""
         return cls.fast(**{"prefill_sparse": 0.1, **kw})
 
     @classmethod
