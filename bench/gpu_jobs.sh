@@ -3,7 +3,7 @@
 #
 #   FOCUSDLLM_COMMIT=$(git rev-parse --short HEAD) OUT=/path/to/out bash bench/gpu_jobs.sh <job>
 #
-# Jobs: tests | e2e-4k-16k | e2e-32k | e2e-64k | e2e-dream-32k | ops | fidelity
+# Jobs: tests | e2e-4k-16k | e2e-32k | e2e-64k | e2e-dream-32k | ops | fidelity | ablation
 # Pass FOCUSDLLM_COMMIT from the checkout: a copied tree's .git can be stale, and the JSON records the commit.
 set -euo pipefail
 : "${OUT:?set OUT to the output folder}"
@@ -34,5 +34,10 @@ case "${1:-}" in
     timeout 560 python -m focusdllm.evaluate --tasks passkey multikey spancopy --lengths 2048 4096 8192 16384 \
       --modes dense fastdllm focus focus-flex focus-fast focus-fast-sparse focus-fast-slim-sparse bad \
       --out "$OUT/fidelity.json" --heatmap "$OUT/fidelity.png" 2>&1 | quiet > "$OUT/fidelity.log" ;;
-  *) echo "usage: bash bench/gpu_jobs.sh tests|e2e-4k-16k|e2e-32k|e2e-64k|e2e-dream-32k|ops|fidelity" >&2; exit 2 ;;
+  ablation)  # one Focus knob at a time on the shipped model (bench/ablate_focus.py)
+    for L in 8192 4096; do
+      timeout 250 python bench/ablate_focus.py --length $L --tasks passkey multikey spancopy --device cuda \
+        --dtype bfloat16 --out "$OUT/ablation_$((L / 1024))k.json" 2>&1 | quiet > "$OUT/ablation_$((L / 1024))k.log"
+    done ;;
+  *) echo "usage: bash bench/gpu_jobs.sh tests|e2e-4k-16k|e2e-32k|e2e-64k|e2e-dream-32k|ops|fidelity|ablation" >&2; exit 2 ;;
 esac
