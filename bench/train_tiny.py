@@ -102,6 +102,15 @@ def diffusion_loss(model, ids, region, gen: torch.Generator, eps: float = 1e-3, 
     return loss, (ce.sum() / n_masked).detach()
 
 
+def optimizer_step(model, opt) -> torch.Tensor:
+    """Clip the gradient norm to 1 and step; a non-finite norm skips the step (weights and Adam moments
+    untouched) inside fused AdamW, via its found_inf input, so there is no host sync. Returns the norm."""
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.found_inf = (~torch.isfinite(gnorm)).float()
+    opt.step()
+    return gnorm
+
+
 def snapshot(model, cfg, out: Path, dtype) -> None:
     """Write the shippable config.json + model.safetensors (a CPU copy in `dtype`) to `out`."""
     ship = DiffusionLM(cfg)
@@ -256,7 +265,7 @@ def main(argv=None):
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
+                            lr=a.lr, betas=(0.9, 0.95), fused=True)
     if a.init_from:
         model.load_state_dict(load_model(a.init_from, device=dev).state_dict())
     gen = torch.Generator(device=dev).manual_seed(a.seed)
@@ -290,7 +299,6 @@ def main(argv=None):
         batches = iter(torch.utils.data.DataLoader(
             StepBatches(a), batch_size=None, sampler=range(step, a.steps), num_workers=a.workers,
             pin_memory=dev.type == "cuda", prefetch_factor=4, persistent_workers=False))
-    device_skip = dev.type == "cuda"  # fused AdamW skips a non-finite step on the device (no host sync)
     while True:
         elapsed = time.time() - t_start
         p = step / a.steps if a.steps else elapsed / budget
@@ -307,12 +315,7 @@ def main(argv=None):
         loss, ce = diffusion_loss(fwd, ids, region, gen, t_weight=bool(a.t_weight))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if device_skip:  # skip a non-finite step rather than poison the weights
-            opt.found_inf = (~torch.isfinite(gnorm)).float()
-            opt.step()
-        elif torch.isfinite(gnorm):
-            opt.step()
+        gnorm = optimizer_step(model, opt)
         step += 1
         tok_since += ids.numel()
         losses.append(loss.detach())
@@ -343,8 +346,7 @@ def main(argv=None):
         if a.stop_after and a.steps and time.time() - t_start >= a.stop_after * 60:  # pause: --resume continues the run
             emit({"event": "paused", "step": step})
             break
-    if hasattr(opt, "found_inf"):
-        del opt.found_inf
+    opt.__dict__.pop("found_inf", None)  # not part of the optimizer state
     trained_s = time.time() - t_start
     emit({"event": "trained", "steps": step, "train_secs": trained_s})
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "trained_s": trained_s,

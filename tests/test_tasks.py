@@ -103,6 +103,24 @@ def test_train_smoke(tmp_path):
     assert m.config.mask_id == VOCAB.mask_id and m.config.vocab_size == VOCAB.size
 
 
+def test_train_step_skips_non_finite_gradients():
+    """A NaN gradient skips the optimizer step on the device (no host sync): weights and Adam state stay as
+    they were; the next finite step updates them."""
+    train = _load_train()
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    assert not torch.isfinite(train.optimizer_step(model, opt))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(float(st["step"]) == 0 for st in opt.state.values())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    train.optimizer_step(model, opt)
+    assert all(not torch.equal(p, b) and torch.isfinite(p).all() for p, b in zip(model.parameters(), before))
+
+
 def test_train_batches_built_ahead_equal_inline():
     """A fixed-step run's batches are a function of (args, step): DataLoader workers build the same ones
     the loop would build inline, in step order, so --workers does not change the run."""
