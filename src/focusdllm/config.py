@@ -131,6 +131,8 @@ class FocusConfig:
         reuse_prompt_kv: beyond the paper: prefill the prompt once; later block starts refresh only
             the response region against the cached prompt K/V (DESIGN.md: the refresh dominates).
         prompt_refresh_every: with reuse, re-prefill the whole canvas every N blocks (0 = never).
+        refresh_prompt_tail: with reuse, a response refresh also recomputes the last N prompt tokens (the
+            ones next to the response, whose frozen K/V drift most as it fills in; 0 = none).
         prefill_keep: beyond the paper (SlimInfer-style): after `prefill_layer`, a refresh keeps
             computing only this fraction of prompt rows (by response attention); the rest keep their
             hidden state and only get K/V projections. 1.0 = off.
@@ -155,6 +157,7 @@ class FocusConfig:
     backend: str = "auto"
     reuse_prompt_kv: bool = False
     prompt_refresh_every: int = 0
+    refresh_prompt_tail: int = 0
     prefill_keep: float = 1.0
     prefill_layer: int | None = None
     prefill_sparse: float = 1.0
@@ -181,6 +184,8 @@ class FocusConfig:
             raise ConfigError(f"min_blocks={self.min_blocks} must be >= 1")
         if self.prompt_refresh_every < 0:
             raise ConfigError(f"prompt_refresh_every={self.prompt_refresh_every} must be >= 0 (0 = never)")
+        if self.refresh_prompt_tail < 0:
+            raise ConfigError(f"refresh_prompt_tail={self.refresh_prompt_tail} must be >= 0 (0 = none)")
         if not (0.0 < self.prefill_keep <= 1.0):
             raise ConfigError(f"prefill_keep={self.prefill_keep} must be in (0, 1] (1 = no pruning)")
         if not (0.0 < self.prefill_sparse <= 1.0):

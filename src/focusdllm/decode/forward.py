@@ -96,6 +96,12 @@ class StepStats:
     row_steps: int = 0
 
 
+def set_block_rep(cache: KVCache, i: int, canvas: Canvas, plan: SparsePlan) -> None:
+    """Layer i's prompt-block summaries for the sparse steps' block scores: one fused pass over its keys."""
+    rep = block_bounds if plan.block_score == "bound" else block_representatives
+    cache.set_block_rep(i, compiled_on_cuda(rep)(cache.k[i], canvas.prompt_len, plan.block_size, plan.n_blocks_host))
+
+
 def full_forward(model: DiffusionLM, canvas: Canvas, cache: KVCache | None, rep_plan: SparsePlan | None):
     """Dense forward over the whole canvas (vanilla step or cache refresh). Returns (B, L, C).
 
@@ -119,9 +125,7 @@ def full_forward(model: DiffusionLM, canvas: Canvas, cache: KVCache | None, rep_
             q = blk.qkv_into(h, model.rope, cos, sin, cache.k[i], cache.v[i], pos, q_rows=keep)
             k, v = cache.k[i, :, :, :n], cache.v[i, :, :, :n]
             if plan is not None and i > plan.sink_layer:
-                rep = block_bounds if plan.block_score == "bound" else block_representatives
-                cache.set_block_rep(i, compiled_on_cuda(rep)(cache.k[i], canvas.prompt_len, plan.block_size,
-                                                             plan.n_blocks_host))  # one fused pass over the keys
+                set_block_rep(cache, i, canvas, plan)
         if token_keep is not None:  # block-sparse prompt queries against the cache
             rows = pos if keep is None else keep
             bk = compiled_on_cuda(query_block_keep)(q, cache.k[i], rows, canvas.prompt_len, plan.n_keep_prefill,

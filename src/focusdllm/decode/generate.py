@@ -83,7 +83,8 @@ class FocusPolicy(CachePolicy):
         if t == 0:
             every, blk = self.cfg.prompt_refresh_every, st.block
             if self.cfg.reuse_prompt_kv and blk > 0 and (every == 0 or blk % every):
-                return response_rows(st.prompt_len, st.row_len, st.masked, blk, self.shift, self.g)
+                return response_rows(st.prompt_len, st.row_len, st.masked, blk, self.shift, self.g,
+                                     self.cfg.refresh_prompt_tail)
             return None
         masked, conf, bl = st.masked, st.conf_buf, self.bl
         kind, arg = self.rule

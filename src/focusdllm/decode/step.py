@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import schedule as S
-from .forward import Canvas, StepStats, full_forward
+from .forward import Canvas, StepStats, full_forward, set_block_rep
 
 
 @dataclass
@@ -94,6 +94,9 @@ class StepRunner:
         else:
             plan = None if rows.dense else policy.sparse
             h, dens = self.forward(self.model, canvas, self.kv, rows, plan)
+            if rows.dense and policy.sparse is not None and policy.cfg.refresh_prompt_tail:
+                for i in range(policy.sparse.sink_layer + 1, len(self.model.blocks)):  # tail keys changed
+                    set_block_rep(self.kv, i, canvas, policy.sparse)
             if plan is not None:
                 self.stats.density_sum += dens
             hsrc = torch.gather(h, 1, rows.src[..., None].expand(-1, -1, h.shape[-1]))

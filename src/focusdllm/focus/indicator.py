@@ -121,17 +121,18 @@ def dense_rows(
 
 
 def response_rows(
-    prompt_len: torch.Tensor, row_len: torch.Tensor, masked: torch.Tensor, block: int, shift: int, gen_length: int
+    prompt_len: torch.Tensor, row_len: torch.Tensor, masked: torch.Tensor, block: int, shift: int, gen_length: int,
+    tail: int = 0,
 ) -> StepRows:
-    """Rows of a response-only refresh (prompt KV reuse): every generation slot is recomputed
-    against the cached prompt K/V; the current block's masked positions are candidates."""
+    """Rows of a response-only refresh (prompt KV reuse): every generation slot, and the last `tail` prompt
+    slots, are recomputed against the cached prompt K/V; the current block's masked positions are candidates."""
     b, bl = masked.shape
-    before = block * bl  # generated slots left of the block: the strip's left margin
-    active_w = torch.ones(b, shift + gen_length, dtype=torch.bool, device=masked.device)
+    before = tail + block * bl  # slots left of the block: the strip's left margin
+    active_w = torch.ones(b, shift + tail + gen_length, dtype=torch.bool, device=masked.device)
     active_w[:, :shift] = False
     rows = build_rows(
-        prompt_len + before, row_len, active_w, masked, torch.zeros_like(masked), radius=before, shift=shift,
-        n_rows=shift + gen_length,
+        prompt_len + block * bl, row_len, active_w, masked, torch.zeros_like(masked), radius=before, shift=shift,
+        n_rows=shift + tail + gen_length,
     )
     rows.dense = True
     return rows
