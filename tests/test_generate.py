@@ -275,19 +275,21 @@ def test_decode_state_is_updated_in_place_and_graph_keys_cover_host_values(monke
     assert all(k is None for _, _, k in keys)  # threshold rule: host-dependent, not captured whole
 
 
-def test_refresh_prompt_tail_covering_the_prompt_equals_no_reuse(llada64):
+@pytest.mark.parametrize("name", ["llada64", "dream64"])
+def test_refresh_prompt_tail_covering_the_prompt_equals_no_reuse(name, request):
     """A response refresh that also recomputes the whole prompt (tail >= prompt) is a full refresh: the same
     tokens as no reuse, block summaries included (13 prompt blocks, 4 kept, so stale ones would change the
-    choice); a short tail runs and decodes every slot."""
+    choice); a short tail runs and decodes every slot. Dream's shifted logits move the strip by one."""
+    model = request.getfixturevalue(name)
     ids = _prompt(5, 200)
     base = FocusConfig(block_size=16, block_score="bound", backend="torch")
     kw = dict(gen_length=32, block_length=8, steps=16, mode="focus")
-    plain = generate(llada64, ids, focus=base, **kw)
-    whole = generate(llada64, ids, focus=base.with_(reuse_prompt_kv=True, refresh_prompt_tail=200), **kw)
+    plain = generate(model, ids, focus=base, **kw)
+    whole = generate(model, ids, focus=base.with_(reuse_prompt_kv=True, refresh_prompt_tail=200), **kw)
     assert torch.equal(plain.sequences, whole.sequences)
-    reuse = generate(llada64, ids, focus=base.with_(reuse_prompt_kv=True), **kw)
+    reuse = generate(model, ids, focus=base.with_(reuse_prompt_kv=True), **kw)
     assert not torch.equal(plain.sequences, reuse.sequences)  # the test can tell reuse from a full refresh
-    tail = generate(llada64, ids, focus=base.with_(reuse_prompt_kv=True, refresh_prompt_tail=48), **kw)
-    assert tail.nfe == plain.nfe and (tail.sequences[0, 200:] != llada64.config.mask_id).all()
+    tail = generate(model, ids, focus=base.with_(reuse_prompt_kv=True, refresh_prompt_tail=48), **kw)
+    assert tail.nfe == plain.nfe and (tail.sequences[0, 200:] != model.config.mask_id).all()
     with pytest.raises(ConfigError, match="refresh_prompt_tail"):
         FocusConfig(refresh_prompt_tail=-1)
