@@ -3,7 +3,7 @@
 #
 #   FOCUSDLLM_COMMIT=$(git rev-parse --short HEAD) OUT=/path/to/out bash bench/gpu_jobs.sh <job>
 #
-# Jobs: tests | e2e-4k-16k | e2e-32k | e2e-64k | e2e-dream-32k | ops | fidelity | ablation
+# Jobs: tests | e2e-4k-16k | e2e-32k | e2e-64k | e2e-dream-32k | ops | fidelity | ablation | tail
 # Pass FOCUSDLLM_COMMIT from the checkout: a copied tree's .git can be stale, and the JSON records the commit.
 set -euo pipefail
 : "${OUT:?set OUT to the output folder}"
@@ -39,5 +39,10 @@ case "${1:-}" in
       timeout 250 python bench/ablate_focus.py --length $L --tasks passkey multikey spancopy --device cuda \
         --dtype bfloat16 --out "$OUT/ablation_$((L / 1024))k.json" 2>&1 | quiet > "$OUT/ablation_$((L / 1024))k.log"
     done ;;
-  *) echo "usage: bash bench/gpu_jobs.sh tests|e2e-4k-16k|e2e-32k|e2e-64k|e2e-dream-32k|ops|fidelity|ablation" >&2; exit 2 ;;
+  tail)  # the prompt-tail refresh against fast_sparse(): speed at 32K, then fidelity
+    bench --model llada-8b --contexts 32768 --modes vanilla fastdllm-dual focus+reuse+sparse focus+reuse+tail+sparse \
+      --max-seconds 240 --out "$OUT/e2e_32k_tail.json" 2>&1 | quiet > "$OUT/e2e_32k_tail.log"
+    timeout 280 python -m focusdllm.evaluate --tasks passkey multikey spancopy --lengths 2048 4096 8192 16384 \
+      --modes dense focus-fast-sparse focus-fast-sparse-tail --out "$OUT/fidelity_tail.json" 2>&1 | quiet > "$OUT/fidelity_tail.log" ;;
+  *) echo "usage: bash bench/gpu_jobs.sh tests|e2e-4k-16k|e2e-32k|e2e-64k|e2e-dream-32k|ops|fidelity|ablation|tail" >&2; exit 2 ;;
 esac

@@ -61,6 +61,7 @@ MODES = {
     "focus+reuse": {**_FOCUS, "focus": FocusConfig.fast()},
     "focus+reuse+slim": {**_FOCUS, "focus": FocusConfig.fast(prefill_keep=0.25)},
     "focus+reuse+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse()},
+    "focus+reuse+tail+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(refresh_prompt_tail=64)},
     "focus+reuse+slim50+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(prefill_keep=0.5)},
     "focus+reuse+slim+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(prefill_keep=0.25)},
     "focus-lossless": {**_FOCUS, "focus": FocusConfig.lossless()},
