@@ -15,16 +15,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from focusdllm.tasks import GEN_LENGTH, TASKS, VOCAB, generate_case, target_ids  # noqa: E402
 
 
-def sample_length(rng: random.Random, p: float, a, start: float | None = None) -> int:
-    """Curriculum: --min-len until --hold of the run (or until the gate opens at `start`), then the top
-    grows log-linearly to --max-len at --ramp."""
+def log_top_length(p: float, a, start: float | None = None) -> float:
+    """log of the curriculum's longest length at progress p: --min-len until --hold of the run (or until the
+    gate opens at `start`), then growing log-linearly to --max-len at --ramp."""
     lo, hi = math.log(a.min_len), math.log(a.max_len)
-    cur = lo + (hi - lo) * length_ramp(p, a, start)
-    if rng.random() < 0.5:  # half the batches from the top octave reached so far
+    return lo + (hi - lo) * length_ramp(p, a, start)
+
+
+def to_length(x: float, a) -> int:
+    """A log length -> tokens: a multiple of 64, at least --min-len."""
+    return max(a.min_len, int(math.exp(x)) // 64 * 64)
+
+
+def sample_length(rng: random.Random, p: float, a, start: float | None = None) -> int:
+    """A batch's length: half the batches from the top octave reached so far, half from all of it."""
+    lo, cur = math.log(a.min_len), log_top_length(p, a, start)
+    if rng.random() < 0.5:
         x = rng.uniform(max(lo, cur - math.log(2)), cur)
     else:
         x = rng.uniform(lo, cur)
-    return max(a.min_len, int(math.exp(x)) // 64 * 64)
+    return to_length(x, a)
 
 
 def length_ramp(p: float, a, start: float | None = None) -> float:
@@ -106,7 +116,7 @@ def step_batch(a, step: int, p: float, gate_p: float | None = None):
     """Batch `step` of a run (progress p in [0, 1]) as a pure function of the args and the step: its length
     from the curriculum, about --batch-tokens tokens of task and copy rows -> (L, ids (B, L), region (B, L))."""
     rng = random.Random(a.seed * 1_000_003 + step)
-    length = sample_length(rng, p, a, gate_p if a.gate_acc > 0 else None)
+    length = sample_length(rng, p, a, gate_p)  # gate_p stays None unless --gate-acc is on
     rows = max(1, a.batch_tokens // length)
     aux_kw = dict(alphabet=a.aux_alphabet, mmin=a.aux_chunk[0], mmax=a.aux_chunk[1],
                   src_frac=(a.aux_src[0], a.aux_src[1]), exact=a.aux_exact)

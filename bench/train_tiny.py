@@ -47,7 +47,7 @@ from focusdllm.models.loading import init_random  # noqa: E402
 from focusdllm.tasks import GEN_LENGTH, TASKS, VOCAB, evaluate, make_cases  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_data import StepBatches, length_ramp, step_batch  # noqa: E402
+from train_data import StepBatches, log_top_length, step_batch, to_length  # noqa: E402
 
 PRESETS = {
     # CI: a few steps on CPU, seconds
@@ -327,9 +327,7 @@ def main(argv=None):
                   "elapsed": now - t_start})
             losses, tok_since, t_log = [], 0, time.time()
         if a.eval_every and step % a.eval_every == 0:
-            lo, hi = math.log(a.min_len), math.log(a.max_len)
-            cur = max(a.min_len, int(math.exp(lo + (hi - lo) * length_ramp(p, a, gate_p if a.gate_acc > 0 else None)))
-                      // 64 * 64)
+            cur = to_length(log_top_length(p, a, gate_p), a)  # the longest length trained so far
             te = time.time()
             res = run_eval(model, [cur], 8, 2, a.eval_seed + step, a.eval_batch_tokens, a.tasks)
             for r in res:
@@ -346,7 +344,6 @@ def main(argv=None):
         if a.stop_after and a.steps and time.time() - t_start >= a.stop_after * 60:  # pause: --resume continues the run
             emit({"event": "paused", "step": step})
             break
-    opt.__dict__.pop("found_inf", None)  # not part of the optimizer state
     trained_s = time.time() - t_start
     emit({"event": "trained", "steps": step, "train_secs": trained_s})
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "trained_s": trained_s,

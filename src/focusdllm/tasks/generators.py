@@ -36,7 +36,7 @@ def _digits(rng: random.Random, n: int, used: set, prev: int, v: Vocab, tries: i
     for _ in range(tries):
         out, new, p = [], set(), prev
         for _ in range(n):
-            choices = [v.digit0 + d for d in range(10) if (p, v.digit0 + d) not in used | new]
+            choices = [t for t in range(v.digit0, v.digit0 + 10) if (p, t) not in used and (p, t) not in new]
             if not choices:
                 break
             tok = rng.choice(choices)
