@@ -64,6 +64,8 @@ MODES = {
     "focus+reuse+tail+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(refresh_prompt_tail=64)},
     "focus+reuse+slim50+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(prefill_keep=0.5)},
     "focus+reuse+slim+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(prefill_keep=0.25)},
+    # SlimInfer pruning and sparse prefill from half depth of LLaDA-8B's 32 layers (lossless on focus-tiny at 2K)
+    "focus+reuse+slim@16+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(prefill_keep=0.25, prefill_layer=16)},
     "focus-lossless": {**_FOCUS, "focus": FocusConfig.lossless()},
 }
 ALL_MODES = tuple(MODES)
