@@ -39,12 +39,12 @@ case "${1:-}" in
       timeout 250 python bench/ablate_focus.py --length $L --tasks passkey multikey spancopy --device cuda \
         --dtype bfloat16 --out "$OUT/ablation_$((L / 1024))k.json" 2>&1 | quiet > "$OUT/ablation_$((L / 1024))k.log"
     done ;;
-  tail)  # fast_sparse() against the prompt-tail refresh and half-depth pruning: speed at 32K, then fidelity
-    bench --model llada-8b --contexts 32768 --modes vanilla fastdllm-dual focus+reuse+sparse focus+reuse+tail+sparse \
-      focus+reuse+slim+sparse focus+reuse+slim@16+sparse --max-seconds 270 --out "$OUT/e2e_32k_tail.json" 2>&1 \
+  tail)  # the presets' prompt-tail refresh against reuse without it, and half-depth pruning: 32K speed, fidelity
+    bench --model llada-8b --contexts 32768 --modes vanilla fastdllm-dual focus+reuse+sparse focus+reuse+sparse+notail \
+      focus+reuse+slim+sparse focus+reuse+slim@16+sparse --max-seconds 200 --out "$OUT/e2e_32k_tail.json" 2>&1 \
       | quiet > "$OUT/e2e_32k_tail.log"
-    timeout 290 python -m focusdllm.evaluate --tasks passkey multikey spancopy --lengths 2048 4096 8192 16384 \
-      --modes dense focus-fast-sparse focus-fast-sparse-tail focus-fast-slim-sparse@2 --out "$OUT/fidelity_tail.json" \
-      2>&1 | quiet > "$OUT/fidelity_tail.log" ;;
+    timeout 330 python -m focusdllm.evaluate --tasks passkey multikey spancopy --lengths 2048 4096 8192 16384 \
+      --modes dense focus-fast focus-fast-sparse focus-fast-slim-sparse focus-fast-slim-sparse@2 \
+      --out "$OUT/fidelity_tail.json" 2>&1 | quiet > "$OUT/fidelity_tail.log" ;;
   *) echo "usage: bash bench/gpu_jobs.sh tests|e2e-4k-16k|e2e-32k|e2e-64k|e2e-dream-32k|ops|fidelity|ablation|tail" >&2; exit 2 ;;
 esac

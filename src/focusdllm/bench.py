@@ -61,7 +61,8 @@ MODES = {
     "focus+reuse": {**_FOCUS, "focus": FocusConfig.fast()},
     "focus+reuse+slim": {**_FOCUS, "focus": FocusConfig.fast(prefill_keep=0.25)},
     "focus+reuse+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse()},
-    "focus+reuse+tail+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(refresh_prompt_tail=64)},
+    # ablation: reuse without the prompt-tail refresh (fast_sparse() before 2026-11-25)
+    "focus+reuse+sparse+notail": {**_FOCUS, "focus": FocusConfig.fast_sparse(refresh_prompt_tail=0)},
     "focus+reuse+slim50+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(prefill_keep=0.5)},
     "focus+reuse+slim+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(prefill_keep=0.25)},
     # SlimInfer pruning and sparse prefill from half depth of LLaDA-8B's 32 layers (lossless on focus-tiny at 2K)

@@ -27,10 +27,10 @@ MODES = {
     "focus-fast": dict(mode="focus", focus=FocusConfig.fast(backend="torch")),
     "focus-fast-slim": dict(mode="focus", focus=FocusConfig.fast(prefill_keep=0.25, backend="torch")),
     "focus-fast-sparse": dict(mode="focus", focus=FocusConfig.fast_sparse(backend="torch")),
-    # beyond the presets: reuse that also recomputes the last 64 prompt tokens at each response refresh
-    "focus-fast-tail": dict(mode="focus", focus=FocusConfig.fast(refresh_prompt_tail=64, backend="torch")),
-    "focus-fast-sparse-tail": dict(
-        mode="focus", focus=FocusConfig.fast_sparse(refresh_prompt_tail=64, backend="torch")
+    # ablation: reuse without the prompt-tail refresh (the presets before 2026-11-25)
+    "focus-fast-notail": dict(mode="focus", focus=FocusConfig.fast(refresh_prompt_tail=0, backend="torch")),
+    "focus-fast-sparse-notail": dict(
+        mode="focus", focus=FocusConfig.fast_sparse(refresh_prompt_tail=0, backend="torch")
     ),
     "focus-fast-slim50-sparse": dict(
         mode="focus", focus=FocusConfig.fast(prefill_keep=0.5, prefill_sparse=0.1, backend="torch")
