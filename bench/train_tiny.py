@@ -72,15 +72,11 @@ PRESETS = {
                         weight_decay=0.05, aux_start=0.05, aux_end=0.02, aux_decay=0.5, aux_exact=0.5,
                         gate_acc=0.0, hold=0.0, ramp=0.35, save_every=60.0, save_dtype="float32", final_generate=1,
                         rope_theta=1e6, workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.25, seed=6),
-    # an experimental stage 3, not in the shipped recipe: continue stage 2 (--init-from) at 1K-24.6K so that 16K
-    # sits inside the trained range (runs 10-12, bench/README.md: none beat run 8 at every length)
-    "h100-long": dict(d_model=256, n_layers=4, n_heads=4, mlp_hidden=768, min_len=1024, max_len=24640,
-                      batch_tokens=65536, steps=3500, minutes=15.0, lr=3e-4, warmup=50, eval_every=0,
-                      eval_lengths=[2048, 4096, 8192, 16384], eval_n=16, device="cuda", log_every=100,
-                      weight_decay=0.05, aux_start=0.02, aux_end=0.02, aux_decay=0.5, aux_exact=0.5,
-                      gate_acc=0.0, hold=0.0, ramp=0.0, save_every=60.0, save_dtype="float32", final_generate=1,
-                      rope_theta=1e6, workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.25, seed=7),
 }
+# an experimental stage 3, not in the shipped recipe: continue stage 2 (--init-from) at 1K-24.6K so that 16K sits
+# inside the trained range (runs 10-12, bench/README.md: none beat run 8 at every length)
+PRESETS["h100-long"] = {**PRESETS["h100-refine"], "max_len": 24640, "steps": 3500, "lr": 3e-4, "aux_start": 0.02,
+                        "ramp": 0.0, "seed": 7}
 
 
 def build_config(a) -> ModelConfig:
