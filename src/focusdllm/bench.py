@@ -65,7 +65,7 @@ MODES = {
     "focus+reuse+sparse+notail": {**_FOCUS, "focus": FocusConfig.fast_sparse(refresh_prompt_tail=0)},
     "focus+reuse+slim50+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(prefill_keep=0.5)},
     "focus+reuse+slim+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(prefill_keep=0.25)},
-    # SlimInfer pruning and sparse prefill from half depth of LLaDA-8B's 32 layers (lossless on focus-tiny at 2K)
+    # SlimInfer pruning and sparse prefill after layer 16 of LLaDA-8B's 32 (focus-tiny's half depth is lossless)
     "focus+reuse+slim@16+sparse": {**_FOCUS, "focus": FocusConfig.fast_sparse(prefill_keep=0.25, prefill_layer=16)},
     "focus-lossless": {**_FOCUS, "focus": FocusConfig.lossless()},
 }
