@@ -232,8 +232,8 @@ class FocusConfig:
 
     @classmethod
     def fast_sparse(cls, **kw) -> FocusConfig:
-        """`fast()` + sparse prefill over 10 % of prompt key blocks: the fastest setting that matches or beats
-        dense on every length of the fidelity suite (bench/results/fidelity_h100_tail.json; 5.3x Fast-dLLM
+        """`fast()` + sparse prefill over 10 % of prompt key blocks: the fastest preset; it matches or beats
+        dense on every length of the fidelity suite (bench/results/fidelity_h100_tail.json; 5.1x Fast-dLLM
         dual at 32K on an H100: bench/results/e2e_h100_32k_tail.json)."""
         return cls.fast(**{"prefill_sparse": 0.1, **kw})
 
