@@ -77,15 +77,14 @@ def main():
         E.MODES[name] = dict(mode="vanilla") if cfg is None else dict(mode="focus", focus=cfg)
         t0 = time.perf_counter()
         preds, _ = E.run_cases(model, cases, [name], log=lambda s: None)
-        gens = preds[name]
-        ref = gens if ref is None else ref
-        hits = [g[: len(c["outputs"])] == c["outputs"] for g, c in zip(gens, cases)]
-        agree = sum(sum(x == y for x, y in zip(g, r)) / len(g) for g, r in zip(gens, ref)) / len(gens)
-        res["rows"][name] = {"acc": sum(hits) / len(hits), "agreement": agree, "ci95": E.bootstrap_ci(hits),
-                             "config": None if cfg is None else cfg.__dict__, "seconds": time.perf_counter() - t0}
-        res["rows"][name]["misses"] = [(c["task"], round(c["depth"], 2)) for c, h in zip(cases, hits) if not h]
-        print(f"{name:<32} acc {100 * sum(hits) / len(hits):5.1f}%  agreement {100 * agree:5.1f}%  "
-              f"misses {res['rows'][name]['misses']}", flush=True)
+        ref = preds[name] if ref is None else ref  # the first row is dense
+        r = E.summarize(cases, {"dense": ref, name: preds[name]})[name]
+        misses = [(c["task"], round(c["depth"], 2)) for c, h in zip(cases, r["hits"]) if not h]
+        res["rows"][name] = {"acc": r["acc"], "agreement": r["agreement"], "ci95": r["ci95"],
+                             "config": None if cfg is None else cfg.__dict__, "seconds": time.perf_counter() - t0,
+                             "misses": misses}
+        print(f"{name:<32} acc {100 * r['acc']:5.1f}%  agreement {100 * r['agreement']:5.1f}%  misses {misses}",
+              flush=True)
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)
