@@ -279,7 +279,7 @@ def main(argv=None):
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, trained_s = ck["step"], ck["trained_s"]
-        gen.set_state(ck["gen"])
+        gen.set_state(ck["gen"].cpu())  # map_location moved the ByteTensor state
     log = (out / "train_log.jsonl").open("a")
 
     def emit(rec):
