@@ -293,3 +293,21 @@ def test_refresh_prompt_tail_covering_the_prompt_equals_no_reuse(name, request):
     assert tail.nfe == plain.nfe and (tail.sequences[0, 200:] != model.config.mask_id).all()
     with pytest.raises(ConfigError, match="refresh_prompt_tail"):
         FocusConfig(refresh_prompt_tail=-1)
+
+
+def test_refresh_prompt_tail_moves_reuse_toward_a_full_refresh(llada64):
+    """Why the presets refresh a prompt tail: with prompt-KV reuse the prompt K/V stay as the prefill left them
+    (response all masks); recomputing the last 48 prompt tokens at each response refresh lets them see the
+    response, and the decode agrees more with the full-refresh decode (6 prompts x 32 tokens, fp64: 119 against
+    108 tokens). On focus-tiny run 8 this was one whole 8K span-copy case (bench/results/fidelity_h100_tail.json);
+    run 13 decodes the suite the same with and without the tail (fidelity_h100_run13_tail.json)."""
+    base = FocusConfig(block_size=16, block_score="bound", backend="torch")
+    kw = dict(gen_length=32, block_length=8, steps=16, mode="focus")
+    agree = {0: 0, 48: 0}
+    for s in range(6):
+        ids = _prompt(s, 200)
+        plain = generate(llada64, ids, focus=base, **kw).sequences[0, 200:]
+        for tail in agree:
+            seq = generate(llada64, ids, focus=base.with_(reuse_prompt_kv=True, refresh_prompt_tail=tail), **kw)
+            agree[tail] += int((seq.sequences[0, 200:] == plain).sum())
+    assert agree[48] > agree[0], agree
