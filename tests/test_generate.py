@@ -1,5 +1,7 @@
 """The one decode loop: equivalences between modes, batch invariance, planted bugs, bad configs."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -235,6 +237,29 @@ def test_prefill_pruning_keeping_every_row_is_exact_and_pruning_runs(llada64, dr
         _gen(model, ids, mode="focus", focus=base.with_(prefill_keep=0.5, prefill_layer=3))
     with pytest.raises(ConfigError, match="prefill_keep"):
         FocusConfig(prefill_keep=0.0)
+
+
+def test_prefill_depth_is_prefill_layer_as_a_fraction_of_depth(llada64, monkeypatch):
+    """prefill_depth=0.5 on a 4-layer model is prefill_layer=2: the plan says layer 2 and the tokens equal an
+    explicit prefill_layer=2 run; on 32 layers it is 16; bad values name the fix."""
+    gen_mod = importlib.import_module("focusdllm.decode.generate")
+
+    plans, orig = [], gen_mod._sparse_plan
+    monkeypatch.setattr(gen_mod, "_sparse_plan", lambda *a, **k: plans.append(orig(*a, **k)) or plans[-1])
+    ids = _prompt(5, 70)
+    base = FocusConfig(block_size=16, keep_ratio=0.3, min_blocks=1, num_sinks=2, prefill_keep=0.25,
+                       prefill_sparse=0.3, prefill_band=0, backend="torch")
+    by_depth = _gen(llada64, ids, mode="focus", focus=base.with_(prefill_depth=0.5)).sequences
+    assert torch.equal(by_depth, _gen(llada64, ids, mode="focus", focus=base.with_(prefill_layer=2)).sequences)
+    _gen(llada64, ids, mode="focus", focus=base)
+    assert [p.prefill_layer for p in plans] == [2, 2, 1]  # default: the sink layer, 4 // 4
+    assert base.with_(prefill_depth=0.5).resolve_prefill_layer(32) == 16
+    with pytest.raises(ConfigError, match="prefill_depth=0.8 .layer 3. leaves no later layer"):
+        base.with_(prefill_depth=0.8).resolve_prefill_layer(4)
+    with pytest.raises(ConfigError, match="pass one of them"):
+        FocusConfig(prefill_layer=2, prefill_depth=0.5)
+    with pytest.raises(ConfigError, match=r"must be in \(0, 1\)"):
+        FocusConfig(prefill_depth=1.0)
 
 
 @pytest.mark.parametrize("mode", ["fastdllm", "focus"])

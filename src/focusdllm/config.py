@@ -136,7 +136,9 @@ class FocusConfig:
         prefill_keep: beyond the paper (SlimInfer-style): after `prefill_layer`, a refresh keeps
             computing only this fraction of prompt rows (by response attention); the rest keep their
             hidden state and only get K/V projections. 1.0 = off.
-        prefill_layer: the layer that scores the prompt rows; None = sink_layer.
+        prefill_layer: the layer that scores the prompt rows; None = sink_layer (or `prefill_depth`).
+        prefill_depth: `prefill_layer` as a fraction of the model's depth, int(depth * n_layers), so one
+            config means "half depth" on every model (0.5: layer 16 of LLaDA-8B's 32, layer 2 of focus-tiny's 4).
         prefill_sparse: beyond the paper: after `prefill_layer`, each 128-row block of prompt queries
             in a prefill attends only to this fraction of prompt key blocks (top by mean query . mean
             key), its own neighbourhood (+- `prefill_band` blocks), the sinks and every response key;
@@ -160,6 +162,7 @@ class FocusConfig:
     refresh_prompt_tail: int = 0
     prefill_keep: float = 1.0
     prefill_layer: int | None = None
+    prefill_depth: float | None = None
     prefill_sparse: float = 1.0
     prefill_band: int = 1
 
@@ -194,6 +197,12 @@ class FocusConfig:
             raise ConfigError(f"prefill_band={self.prefill_band} must be >= 0")
         if self.prefill_layer is not None and self.prefill_layer < 0:
             raise ConfigError(f"prefill_layer={self.prefill_layer} must be >= 0 (or None for sink_layer)")
+        if self.prefill_depth is not None:
+            if not (0.0 < self.prefill_depth < 1.0):
+                raise ConfigError(f"prefill_depth={self.prefill_depth} must be in (0, 1) (0.5 = half depth)")
+            if self.prefill_layer is not None:
+                raise ConfigError(f"prefill_layer={self.prefill_layer} and prefill_depth={self.prefill_depth} "
+                                  "both set the prefill layer; pass one of them")
         if self.block_score not in ("mean", "bound"):
             raise ConfigError(f"block_score={self.block_score!r}: use 'mean' (paper) or 'bound'")
         if self.backend not in ("auto", "torch", "flex"):
@@ -207,6 +216,21 @@ class FocusConfig:
                 f"use sink_layer <= {n_layers - 1} (sink_layer = {n_layers - 1} disables pruning)"
             )
         return sl
+
+    def resolve_prefill_layer(self, n_layers: int) -> int:
+        """The layer after which prefill pruning / sparse prefill start: prefill_layer, else
+        int(prefill_depth * n_layers), else the sink layer."""
+        if self.prefill_layer is not None:
+            pl, what = self.prefill_layer, f"prefill_layer={self.prefill_layer}"
+        elif self.prefill_depth is not None:
+            pl = int(self.prefill_depth * n_layers)
+            what = f"prefill_depth={self.prefill_depth} (layer {pl})"
+        else:
+            return self.resolve_sink_layer(n_layers)
+        if pl >= n_layers - 1:
+            raise ConfigError(f"{what} leaves no later layer to prune in a {n_layers}-layer model; "
+                              f"use prefill_layer <= {n_layers - 2} or prefill_depth < {(n_layers - 1) / n_layers:.3g}")
+        return pl
 
     def n_keep_blocks(self, n_blocks: int) -> int:
         """K = max(min_blocks, ceil(keep_ratio * n_blocks)), at most n_blocks."""
@@ -225,16 +249,16 @@ class FocusConfig:
     @classmethod
     def fast(cls, **kw) -> FocusConfig:
         """Beyond the paper: prompt KV reuse across blocks (prefill once; each response refresh also
-        recomputes the last 64 prompt tokens) and bound block scores. Lossless on the fidelity suite where
-        mean-pooled scores are not, and where reuse without the tail loses a case at 8K
-        (bench/results/fidelity_h100_tail.json)."""
+        recomputes the last 64 prompt tokens) and bound block scores. The same answers as the dual cache on the
+        fidelity suite where mean-pooled scores lose 60-80 points (bench/results/fidelity_h100.json); on the
+        previous weights, reuse without the tail lost a case at 8K (fidelity_h100_tail.json)."""
         return cls(**{"reuse_prompt_kv": True, "block_score": "bound", "refresh_prompt_tail": 64, **kw})
 
     @classmethod
     def fast_sparse(cls, **kw) -> FocusConfig:
-        """`fast()` + sparse prefill over 10 % of prompt key blocks: the fastest preset; it matches or beats
-        dense on every length of the fidelity suite (bench/results/fidelity_h100_tail.json; 5.1x Fast-dLLM
-        dual at 32K on an H100: bench/results/e2e_h100_32k_tail.json)."""
+        """`fast()` + sparse prefill over 10 % of prompt key blocks: the fastest preset; the same answers as
+        `fast()` on the fidelity suite (bench/results/fidelity_h100.json; 5.1x Fast-dLLM dual at 32K on an
+        H100: bench/results/e2e_h100_32k_tail.json)."""
         return cls.fast(**{"prefill_sparse": 0.1, **kw})
 
     @classmethod

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import KVCache
-from ..config import ConfigError, FocusConfig
+from ..config import FocusConfig
 from ..focus.indicator import StepRows, build_rows, dense_rows, focus_positions, grow_windows, response_rows
 from ..models.transformer import DiffusionLM
 from . import schedule as S
@@ -313,11 +313,6 @@ def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dtype, recor
 
     bs = focus.block_size
     dev = canvas.x.device
-    if focus.prefill_layer is not None and focus.prefill_layer >= n_layers - 1:
-        raise ConfigError(
-            f"prefill_layer={focus.prefill_layer} leaves no later layer to prune in a {n_layers}-layer model; "
-            f"use prefill_layer <= {n_layers - 2}"
-        )
     nb_row = (canvas.prompt_len + bs - 1) // bs
     keep_host = [focus.n_keep_blocks(int(n)) for n in nb_row.tolist()]
     n_keep = torch.tensor(keep_host, device=dev, dtype=torch.long)
@@ -331,7 +326,7 @@ def _sparse_plan(focus: FocusConfig, n_layers: int, canvas: Canvas, dtype, recor
         backend=resolve_backend(focus.backend, dev, dtype, group),
         prefill_backend=resolve_backend(focus.backend, dev, dtype), record=record, block_score=focus.block_score,
         prefill_keep=focus.prefill_keep,
-        prefill_layer=focus.resolve_sink_layer(n_layers) if focus.prefill_layer is None else focus.prefill_layer,
+        prefill_layer=focus.resolve_prefill_layer(n_layers),
         max_keys=max(keep_host) * bs + focus.num_sinks + canvas.gen_length,
         prefill_sparse=focus.prefill_sparse, prefill_band=focus.prefill_band,
         n_keep_prefill=torch.tensor(
