@@ -8,7 +8,7 @@ them one exact copy at a per-row offset, half 8-64-token chunks) give a dense co
 plateau (--aux-*). Lengths follow a curriculum: --min-len for the first --hold of the run, then up to
 --max-len at --ramp; batches hold about --batch-tokens tokens. Data are generated from the seed and the
 step (focusdllm.tasks), so there is no dataset file; in a fixed-step run (--steps N) DataLoader workers
-build them ahead of the GPU and the run is reproducible.
+build them ahead of the GPU and the data are reproducible (the GPU arithmetic is not).
 
 The shipped weights (run 13: bench/results/train_log_run9_stage1.jsonl, train_log_run13_stage2.jsonl,
 train_log_run13.jsonl), three stages on one H100, 1072 s of training in all (17.9 min, over the 15-minute aim;
