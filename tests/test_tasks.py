@@ -103,6 +103,26 @@ def test_train_smoke(tmp_path):
     assert m.config.mask_id == VOCAB.mask_id and m.config.vocab_size == VOCAB.size
 
 
+def test_train_resume_continues_the_run_exactly(tmp_path):
+    """A run paused by --stop-after and continued with --resume ends with the same weights as one uninterrupted
+    run (batches are a function of the step; Adam, the step count and the masking generator come back from the
+    checkpoint); the continuing presets refuse to start without --init-from."""
+    from safetensors.torch import load_file
+
+    train = _load_train()
+    kw = ["--preset", "smoke", "--steps", "12", "--log-every", "4", "--eval-lengths", "320", "--eval-n", "1"]
+    train.main(kw + ["--out", str(tmp_path / "whole")])
+    train.main(kw + ["--out", str(tmp_path / "part"), "--stop-after", "1e-9"])  # pauses after its first step
+    paused = [json.loads(x) for x in (tmp_path / "part" / "train_log.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "paused" and r["step"] < 12 for r in paused)
+    train.main(kw + ["--out", str(tmp_path / "part"), "--resume", str(tmp_path / "part" / "ckpt.pt")])
+    whole, part = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "part"))
+    assert whole.keys() == part.keys() and all(torch.equal(whole[k], part[k]) for k in whole)
+    for preset in ("h100-refine", "h100-multikey"):
+        with pytest.raises(SystemExit, match="pass --init-from"):
+            train.parse_args(["--preset", preset, "--out", str(tmp_path / "x")])
+
+
 def test_train_step_skips_non_finite_gradients():
     """A NaN gradient skips the optimizer step on the device (no host sync): weights and Adam state stay as
     they were; the next finite step updates them."""
