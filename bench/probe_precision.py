@@ -10,7 +10,6 @@ misses 9 (and run 9 scores the same in both), so run 8's 16K losses were the mod
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,6 @@ for name in sys.argv[1:]:
     for dt in (torch.bfloat16, torch.float32):
         m = load_model(name, dtype=dt, device="cuda")
         for i, pd in enumerate((2, 4)):
-            t0 = time.time()
             for r in suite_eval(m, [16384], ("multikey", "spancopy"), per_depth=pd, seed=1234 if i == 0 else 4321):
                 r.update(model=name, dtype=str(dt))
                 print(json.dumps(r), flush=True)

@@ -32,15 +32,11 @@ MODES = {
     "focus-fast-sparse-notail": dict(
         mode="focus", focus=FocusConfig.fast_sparse(refresh_prompt_tail=0, backend="torch")
     ),
-    "focus-fast-slim50-sparse": dict(
-        mode="focus", focus=FocusConfig.fast(prefill_keep=0.5, prefill_sparse=0.1, backend="torch")
-    ),
-    "focus-fast-slim-sparse": dict(
-        mode="focus", focus=FocusConfig.fast(prefill_keep=0.25, prefill_sparse=0.1, backend="torch")
-    ),
+    "focus-fast-slim50-sparse": dict(mode="focus", focus=FocusConfig.fast_sparse(prefill_keep=0.5, backend="torch")),
+    "focus-fast-slim-sparse": dict(mode="focus", focus=FocusConfig.fast_sparse(prefill_keep=0.25, backend="torch")),
     # the same from half depth of focus-tiny's 4 layers (bench mode focus+reuse+slim@16+sparse on LLaDA-8B)
     "focus-fast-slim-sparse@2": dict(
-        mode="focus", focus=FocusConfig.fast(prefill_keep=0.25, prefill_sparse=0.1, prefill_layer=2, backend="torch")
+        mode="focus", focus=FocusConfig.fast_sparse(prefill_keep=0.25, prefill_layer=2, backend="torch")
     ),
     # a deliberately broken sparse setting: one block kept, no sinks, pruning from layer 1 on
     "bad": dict(mode="focus", focus=FocusConfig(keep_ratio=0.01, min_blocks=1, num_sinks=0, sink_layer=0,
