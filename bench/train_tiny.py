@@ -70,7 +70,7 @@ PRESETS = {
                  eval_lengths=[2048, 4096, 8192, 16384], eval_n=16, device="cuda", log_every=100,
                  weight_decay=0.05, aux_start=0.7, aux_end=0.05, aux_decay=0.6, aux_exact=0.5, gate_acc=0.0,
                  hold=0.2, ramp=0.65, save_every=60.0, save_dtype="float32", final_generate=1, rope_theta=1e6,
-                 workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.2, seed=0),
+                 workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.2, seed=0, end_at=0.7),
     # stage 2 of the shipped model: continue stage 1 (--init-from) at 1K-24.6K with a lower LR, few copy rows
     "h100-refine": dict(d_model=256, n_layers=4, n_heads=4, mlp_hidden=768, min_len=1024, max_len=24640,
                         batch_tokens=65536, steps=10000, minutes=15.0, lr=5e-4, warmup=50, eval_every=0,
@@ -237,12 +237,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader processes building batches ahead (needs --steps; 0: inline)")
     ap.add_argument("--compile", type=int, default=None, help="1: torch.compile the training forward")
+    ap.add_argument("--end-at", type=float, default=None,
+                    help="train the first fraction of a fixed-step run's schedule (LR, lengths, data) and finish there")
     ap.add_argument("--stop-after", type=float, default=0.0,
                     help="minutes: write the checkpoint and stop (a fixed-step run continues with --resume)")
     a = ap.parse_args(argv)
     defaults = dict(weight_decay=0.1, aux_start=0.5, aux_end=0.1, aux_decay=0.5, aux_exact=0.5, gate_acc=0.0,
                     gate_max=0.5, hold=0.2, ramp=0.6, save_every=0.0, rope_theta=500000.0, final_generate=0,
-                    save_dtype="bfloat16", workers=0, compile=0, edge_depth=0.0, seed=0)
+                    save_dtype="bfloat16", workers=0, compile=0, edge_depth=0.0, seed=0, end_at=1.0)
     for k, v in {**defaults, **PRESETS[a.preset]}.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
@@ -250,6 +252,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise SystemExit(f"--preset {a.preset} continues a model: pass --init-from <previous stage's output folder>")
     if a.task_weights is not None and len(a.task_weights) != len(a.tasks):
         raise SystemExit(f"--task-weights needs one weight per task in {a.tasks}")
+    if not 0.0 < a.end_at <= 1.0 or (a.end_at < 1.0 and not a.steps):
+        raise SystemExit("--end-at is a fraction in (0, 1] of a fixed-step run's schedule: pass --steps N with it")
     if a.workers and not a.steps:
         raise SystemExit("--workers builds the batches of a fixed-step run: pass --steps N (or --workers 0)")
     if a.workers and a.gate_acc > 0:
@@ -303,16 +307,17 @@ def main(argv=None):
     tok_since, t_log = 0, time.time()
     losses = []
     gate_p, t_save = None, time.time()
+    last = round(a.steps * a.end_at)  # the step the run ends at (fixed-step runs)
     fwd = torch.compile(model, dynamic=True) if a.compile else model
     batches = None
     if a.workers:  # fixed-step runs: batches are built ahead by worker processes
         batches = iter(torch.utils.data.DataLoader(
-            StepBatches(a), batch_size=None, sampler=range(step, a.steps), num_workers=a.workers,
+            StepBatches(a), batch_size=None, sampler=range(step, last), num_workers=a.workers,
             pin_memory=dev.type == "cuda", prefetch_factor=4, persistent_workers=False))
     while True:
         elapsed = time.time() - t_start
         p = step / a.steps if a.steps else elapsed / budget
-        if p >= 1.0 or (not a.steps and elapsed >= budget):
+        if p >= 1.0 or (a.steps and step >= last) or (not a.steps and elapsed >= budget):
             break
         if a.gate_acc > 0 and gate_p is None and p >= a.gate_max:
             gate_p = p
@@ -359,7 +364,7 @@ def main(argv=None):
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "trained_s": trained_s,
                 "gen": gen.get_state()}, a.ckpt or out / "ckpt.pt")
     snapshot(model, cfg, out, getattr(torch, a.save_dtype))
-    if step < a.steps:  # paused by --stop-after: no final eval yet
+    if a.steps and step < last:  # paused by --stop-after: no final eval yet
         log.close()
         return []
     del model, opt

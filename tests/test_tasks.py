@@ -104,9 +104,9 @@ def test_train_smoke(tmp_path):
 
 
 def test_train_resume_continues_the_run_exactly(tmp_path):
-    """A run paused by --stop-after and continued with --resume ends with the same weights as one uninterrupted
-    run (batches are a function of the step; Adam, the step count and the masking generator come back from the
-    checkpoint); the continuing presets refuse to start without --init-from."""
+    """A run paused by --stop-after, or ended early by --end-at, and continued with --resume ends with the same
+    weights as one uninterrupted run (batches are a function of the step; Adam, the step count and the masking
+    generator come back from the checkpoint); the continuing presets refuse to start without --init-from."""
     from safetensors.torch import load_file
 
     train = _load_train()
@@ -116,8 +116,15 @@ def test_train_resume_continues_the_run_exactly(tmp_path):
     paused = [json.loads(x) for x in (tmp_path / "part" / "train_log.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "paused" and r["step"] < 12 for r in paused)
     train.main(kw + ["--out", str(tmp_path / "part"), "--resume", str(tmp_path / "part" / "ckpt.pt")])
-    whole, part = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "part"))
+    # --end-at 0.5 trains the first half of the same schedule and finishes there: resumed, it ends as `whole`
+    train.main(kw + ["--out", str(tmp_path / "head"), "--end-at", "0.5"])
+    head = [json.loads(x) for x in (tmp_path / "head" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in head if r.get("event") == "trained"] == [6]
+    assert any(r.get("event") == "final_eval" for r in head)
+    train.main(kw + ["--out", str(tmp_path / "head"), "--resume", str(tmp_path / "head" / "ckpt.pt")])
+    whole, part, head = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "part", "head"))
     assert whole.keys() == part.keys() and all(torch.equal(whole[k], part[k]) for k in whole)
+    assert all(torch.equal(whole[k], head[k]) for k in whole)
     for preset in ("h100-refine", "h100-multikey"):
         with pytest.raises(SystemExit, match="pass --init-from"):
             train.parse_args(["--preset", preset, "--out", str(tmp_path / "x")])
