@@ -70,7 +70,7 @@ PRESETS = {
                  eval_lengths=[2048, 4096, 8192, 16384], eval_n=16, device="cuda", log_every=100,
                  weight_decay=0.05, aux_start=0.7, aux_end=0.05, aux_decay=0.6, aux_exact=0.5, gate_acc=0.0,
                  hold=0.2, ramp=0.65, save_every=60.0, save_dtype="float32", final_generate=1, rope_theta=1e6,
-                 workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.2, seed=0, end_at=0.7),
+                 workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.2, seed=0, end_at=0.9),
     # stage 2 of the shipped model: continue stage 1 (--init-from) at 1K-24.6K with a lower LR, few copy rows
     "h100-refine": dict(d_model=256, n_layers=4, n_heads=4, mlp_hidden=768, min_len=1024, max_len=24640,
                         batch_tokens=65536, steps=10000, minutes=15.0, lr=5e-4, warmup=50, eval_every=0,
