@@ -11,13 +11,19 @@ step (focusdllm.tasks), so there is no dataset file; in a fixed-step run (--step
 build them ahead of the GPU and the data are reproducible (the GPU arithmetic is not).
 
 The shipped weights (run 13: bench/results/train_log_run9_stage1.jsonl, train_log_run13_stage2.jsonl,
-train_log_run13.jsonl), three stages on one H100, 1072 s of training in all (17.9 min, over the 15-minute aim;
-stage 3 shared the GPU with a second run; alone, at runs 10-12's 45 ms per step, it takes ~135 s: ~16 min in all):
+train_log_run13.jsonl), three stages on one H100. Each stage's preset measured alone: 479 s (run 9), 312-315 s
+(runs 17-18; run 13's own stage 2 took 357 s beside another job) and 139-141 s (runs 16-18), ~932 s (15.5 min) in
+all, over the 15-minute aim:
 
     python bench/train_tiny.py --preset h100 --out runs/stage1                                       # 479 s
-    python bench/train_tiny.py --preset h100-refine --init-from runs/stage1 --out runs/stage2         # 357 s
-    python bench/train_tiny.py --preset h100-multikey --init-from runs/stage2 --out runs/focus-tiny   # 236 s shared
+    python bench/train_tiny.py --preset h100-refine --init-from runs/stage1 --out runs/stage2         # ~313 s
+    python bench/train_tiny.py --preset h100-multikey --init-from runs/stage2 --out runs/focus-tiny   # ~140 s
     python bench/train_tiny.py --preset smoke --out /tmp/smoke                                       # CPU, seconds
+
+Every shorter chain tried left multikey right only with the needle at depth 0 or 1 (40 % of the suite): stage 2 at
+5,000 steps (run 16a), no stage 2 and a 6,000-step stage 3 (run 16b), stage 1 ended at 70 % or 90 % of its schedule
+by --end-at (runs 17 and 18: 766 s and 866 s end to end, measured alone). A second stage 3 on run 18 taught multikey
+(90-100 %) but span copy then missed depth 1 (bench/README.md).
 
 Stage 1 starts from random weights at 320 tokens with 70 % copy rows (the plateau breaks near step 2000; a 512-token
 start with 60 % copy rows had not left it by step 10000: train_log_run5_plateau.jsonl) and ramps to 16.5K. It learns
@@ -70,7 +76,7 @@ PRESETS = {
                  eval_lengths=[2048, 4096, 8192, 16384], eval_n=16, device="cuda", log_every=100,
                  weight_decay=0.05, aux_start=0.7, aux_end=0.05, aux_decay=0.6, aux_exact=0.5, gate_acc=0.0,
                  hold=0.2, ramp=0.65, save_every=60.0, save_dtype="float32", final_generate=1, rope_theta=1e6,
-                 workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.2, seed=0, end_at=0.9),
+                 workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.2, seed=0),
     # stage 2 of the shipped model: continue stage 1 (--init-from) at 1K-24.6K with a lower LR, few copy rows
     "h100-refine": dict(d_model=256, n_layers=4, n_heads=4, mlp_hidden=768, min_len=1024, max_len=24640,
                         batch_tokens=65536, steps=10000, minutes=15.0, lr=5e-4, warmup=50, eval_every=0,
