@@ -89,6 +89,7 @@ PRESETS = {
 # teaches multikey at the inner depths that stage 2 leaves at chance
 PRESETS["h100-multikey"] = {**PRESETS["h100-refine"], "steps": 3000, "aux_start": 0.02, "ramp": 0.0,
                             "edge_depth": 0.05, "seed": 7}
+CONTINUING = ("h100-refine", "h100-multikey")  # presets that continue a model and need --init-from
 
 
 def build_config(a) -> ModelConfig:
@@ -254,7 +255,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in {**defaults, **PRESETS[a.preset]}.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
-    if a.preset in ("h100-refine", "h100-multikey") and not (a.init_from or a.resume):
+    if a.preset in CONTINUING and not (a.init_from or a.resume):
         raise SystemExit(f"--preset {a.preset} continues a model: pass --init-from <previous stage's output folder>")
     if a.task_weights is not None and len(a.task_weights) != len(a.tasks):
         raise SystemExit(f"--task-weights needs one weight per task in {a.tasks}")

@@ -125,7 +125,7 @@ def test_train_resume_continues_the_run_exactly(tmp_path):
     whole, part, head = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "part", "head"))
     assert whole.keys() == part.keys() and all(torch.equal(whole[k], part[k]) for k in whole)
     assert all(torch.equal(whole[k], head[k]) for k in whole)
-    for preset in ("h100-refine", "h100-multikey"):
+    for preset in train.CONTINUING:
         with pytest.raises(SystemExit, match="pass --init-from"):
             train.parse_args(["--preset", preset, "--out", str(tmp_path / "x")])
 
