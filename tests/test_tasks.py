@@ -189,3 +189,27 @@ def test_multikey_never_runs_out_of_digit_bigrams():
             pairs = [(inp[i - 1], inp[i]) for i in range(1, len(inp)) if is_digit[i]]
             assert len(pairs) == 80
             assert len(pairs) == len(set(pairs))
+
+
+@pytest.mark.parametrize("task", ["multikey", "spancopy"])
+def test_ask_other_key_names_another_needle(task):
+    """The counterfactual query changes only the query's key; its answer is exactly the tokens after that key's
+    needle marker (read back from the prompt), and differs from the original answer; passkey is refused."""
+    from focusdllm.tasks import ask_other_key
+
+    v = VOCAB
+    marker = v.KEY if task == "multikey" else v.COPY
+    for c in make_cases(task, 6, 600, seed=3):
+        o = ask_other_key(c)
+        assert o["input"][:-1] == c["input"][:-1] and o["input"][-1] != c["input"][-1]
+        key = o["input"][-1]
+        at = [i for i in range(len(c["input"]) - 3) if c["input"][i] == marker and c["input"][i + 1] == key]
+        assert at == [o["needle_pos"]]
+        n = len(o["outputs"])
+        assert n >= (4 if task == "multikey" else 8) and o["outputs"] != c["outputs"]
+        assert o["outputs"] == c["input"][at[0] + 2:at[0] + 2 + n]
+        lo, hi = (v.digit0, v.digit0 + 10) if task == "multikey" else (v.span0, v.span0 + v.n_span)
+        assert all(lo <= t < hi for t in o["outputs"])
+        assert not lo <= c["input"][at[0] + 2 + n] < hi  # the needle ends there (filler or a marker)
+    with pytest.raises(ValueError, match="multikey or spancopy"):
+        ask_other_key(make_cases("passkey", 1, 600)[0])

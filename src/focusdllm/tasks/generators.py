@@ -153,6 +153,28 @@ def make_cases(
     return cases
 
 
+def ask_other_key(case: dict, vocab: Vocab = VOCAB) -> dict:
+    """The same haystack with the query naming another needle's key (the first other one in the prompt).
+
+    Its answer is that needle's tokens: a model that answers the original target instead reads something other
+    than the key (span copy's target is always its longest span). `depth` becomes the asked needle's place in
+    the prompt. Multikey and span copy only: a passkey case has one needle.
+    """
+    if case["task"] not in ("multikey", "spancopy"):
+        raise ValueError(f"{case['task']} has one needle: ask_other_key needs multikey or spancopy cases")
+    v, inp = vocab, list(case["input"])
+    marker, lo, hi = (v.KEY, v.digit0, v.digit0 + 10) if case["task"] == "multikey" else \
+        (v.COPY, v.span0, v.span0 + v.n_span)
+    body = len(inp) - 3  # the query's 3 tokens are not needles
+    at = next(i for i in range(1, body) if inp[i] == marker and inp[i + 1] != inp[-1])
+    end = at + 2
+    while end < body and lo <= inp[end] < hi:
+        end += 1
+    inp[-1] = inp[at + 1]
+    return {**case, "input": inp, "outputs": inp[at + 2:end], "depth": at / len(inp), "needle_pos": at,
+            "answer_pos": at + 2, "asked": "other"}
+
+
 def target_ids(case: dict, eos_id: int = VOCAB.eos_id) -> list[int]:
     """The full generation region a perfect model writes: answer then EOS up to gen_length."""
     return case["outputs"] + [eos_id] * (case["gen_length"] - len(case["outputs"]))
