@@ -49,3 +49,27 @@ def test_shipped_model_smoke_eval():
     assert rows["dense"]["acc"] >= 0.75
     assert rows["fastdllm"]["agreement"] >= 0.95
     assert rows["bad"]["acc"] < rows["dense"]["acc"]
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "focus-tiny").is_dir(), reason="focus-tiny weights not shipped")
+def test_eval_ask_other_queries_a_distractor(tmp_path, monkeypatch):
+    """`--ask-other` decodes every case with the query naming another needle (`tasks.ask_other_key`); the
+    shipped model reads multikey's key, so it answers the asked needle. Passkey (one needle) is refused."""
+    import focusdllm.evaluate as ev
+
+    seen = []
+
+    def spy(model, cases, modes, **kw):
+        seen.extend(cases)
+        return run(model, cases, modes, **kw)
+
+    run = ev.run_cases
+    monkeypatch.setattr(ev, "run_cases", spy)
+    out = tmp_path / "r.json"
+    main(["--tasks", "multikey", "--lengths", "1024", "--depths", "5", "--per-depth", "1", "--device", "cpu",
+          "--dtype", "float32", "--modes", "dense", "--ask-other", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["ask_other"] and len(seen) == 5 and all(c.get("asked") == "other" for c in seen)
+    assert res["summary"]["1024"]["dense"]["acc"] >= 0.8
+    with pytest.raises(SystemExit):
+        main(["--tasks", "passkey", "--ask-other", "--lengths", "1024", "--device", "cpu"])

@@ -120,7 +120,7 @@ def heatmap(result: dict, path: Path, mode: str = "focus"):
 
 def main(argv=None) -> int:
     from . import load_model
-    from .tasks import make_cases
+    from .tasks import ask_other_key, make_cases
 
     # compiled flex specialises per KV capacity and batch: one variant per (length, batch size, mode)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -138,10 +138,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default=None, help="JSON path (default: print only)")
     p.add_argument("--heatmap", default=None, help="PNG path for the depth x length heatmap")
+    p.add_argument("--ask-other", action="store_true",
+                   help="query another needle's key in every case (tasks.ask_other_key): is the key what is read?")
     a = p.parse_args(argv)
+    if a.ask_other and "passkey" in a.tasks:
+        p.error("--ask-other needs cases with several needles: pass --tasks multikey spancopy")
     model = load_model(a.model, dtype=getattr(torch, a.dtype), device=a.device)
     result = {"model": a.model, "device": str(a.device), "dtype": a.dtype, "torch": torch.__version__,
-              "argv": sys.argv if argv is None else argv, "cells": [], "summary": {}}
+              "argv": sys.argv if argv is None else argv, "ask_other": a.ask_other, "cells": [], "summary": {}}
     if a.device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name()
     for length in a.lengths:
@@ -150,6 +154,8 @@ def main(argv=None) -> int:
             for di in range(a.depths):
                 depth = di / max(1, a.depths - 1)
                 cases += make_cases(task, a.per_depth, length, seed=a.seed + di, depth=depth)
+        if a.ask_other:
+            cases = [ask_other_key(c) for c in cases]
         print(f"length {length}: {len(cases)} cases", flush=True)
         preds, secs = run_cases(model, cases, a.modes, tokens_per_step=a.tokens_per_step,
                                 log=lambda s: print(s, flush=True))
@@ -163,10 +169,12 @@ def main(argv=None) -> int:
             agree = "   —  " if r["agreement"] is None else f"{100 * r['agreement']:5.1f}%"
             print(f"  {m:<11} acc {100 * r['acc']:5.1f}% [{100 * r['ci95'][0]:.0f}, {100 * r['ci95'][1]:.0f}]"
                   f"  agreement {agree}  {secs[m]:.1f}s", flush=True)
-    # aggregate depth cells to mean accuracy per (mode, length, depth) for the heatmap
+    # aggregate depth cells to mean accuracy per (mode, length, depth) for the heatmap; depths off the grid
+    # (--ask-other: where the asked needle sits) go to the nearest grid depth
     agg: dict = {}
+    grid = max(1, a.depths - 1)
     for c in result["cells"]:
-        agg.setdefault((c["mode"], c["length"], round(c["depth"], 2)), []).append(c["acc"])
+        agg.setdefault((c["mode"], c["length"], round(round(c["depth"] * grid) / grid, 2)), []).append(c["acc"])
     result["cells"] = [{"mode": m, "length": n, "depth": d, "acc": sum(v) / len(v), "n": len(v)}
                        for (m, n, d), v in sorted(agg.items())]
     if a.out:

@@ -15,6 +15,6 @@ from .scoring import dense_decode, evaluate, exact_match
 from .vocab import VOCAB, Vocab
 
 __all__ = [
-    "GEN_LENGTH", "TASKS", "VOCAB", "Vocab", "ask_other_key", "dense_decode", "evaluate", "exact_match", "generate_case",
-    "make_cases", "read_jsonl", "render", "target_ids", "write_jsonl",
+    "GEN_LENGTH", "TASKS", "VOCAB", "Vocab", "ask_other_key", "dense_decode", "evaluate", "exact_match",
+    "generate_case", "make_cases", "read_jsonl", "render", "target_ids", "write_jsonl",
 ]
