@@ -9,8 +9,9 @@ tokens repeat the needle's marker so the answer is "what followed this marker ea
 
 Digits inside needles never repeat a bigram within a case (so a 2-token context is unique) and span
 symbols are unique within a case. Span copy's target span (32-96 symbols) is always longer than its distractors
-(8-16), so a model can solve it without reading the key: `ask_other_key` (`focusdllm eval --ask-other`) tells. Filler is uniform random words. A case's `input` has exactly
-`length` tokens; the model generates `gen_length` tokens (a multiple of 32): the answer, then EOS.
+(8-16), so a model can solve it without reading the key: `ask_other_key` (`focusdllm eval --ask-other`) tells.
+Filler is uniform random words. A case's `input` has exactly `length` tokens; the model generates `gen_length`
+tokens (a multiple of 32): the answer, then EOS.
 """
 
 from __future__ import annotations
