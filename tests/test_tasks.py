@@ -213,3 +213,5 @@ def test_ask_other_key_names_another_needle(task):
         assert not lo <= c["input"][at[0] + 2 + n] < hi  # the needle ends there (filler or a marker)
     with pytest.raises(ValueError, match="multikey or spancopy"):
         ask_other_key(make_cases("passkey", 1, 600)[0])
+    with pytest.raises(ValueError, match="n_needles >= 2"):
+        ask_other_key(make_cases(task, 1, 600, n_needles=1)[0])

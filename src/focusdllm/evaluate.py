@@ -2,7 +2,8 @@
 
 `focusdllm eval --model focus-tiny --lengths 2048 4096 8192 16384 --device cuda` runs dense vanilla,
 Fast-dLLM, Focus (torch and flex executors, prompt-KV reuse) and an intentionally bad sparse setting on
-the same cases and writes a JSON table (+ a depth x length heatmap PNG with matplotlib).
+the same cases and writes a JSON table (+ a depth x length heatmap PNG with matplotlib). `--ask-other` asks
+each multikey / span-copy case for another needle's key, which shows whether a model reads the key at all.
 """
 
 from __future__ import annotations

@@ -168,7 +168,9 @@ def ask_other_key(case: dict, vocab: Vocab = VOCAB) -> dict:
     marker, lo, hi = (v.KEY, v.digit0, v.digit0 + 10) if case["task"] == "multikey" else \
         (v.COPY, v.span0, v.span0 + v.n_span)
     body = len(inp) - 3  # the query's 3 tokens are not needles
-    at = next(i for i in range(1, body) if inp[i] == marker and inp[i + 1] != inp[-1])
+    at = next((i for i in range(1, body) if inp[i] == marker and inp[i + 1] != inp[-1]), None)
+    if at is None:
+        raise ValueError("the case has one needle: make it with n_needles >= 2 to ask for another key")
     end = at + 2
     while end < body and lo <= inp[end] < hi:
         end += 1
