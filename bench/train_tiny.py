@@ -20,7 +20,7 @@ all, over the 15-minute aim:
     python bench/train_tiny.py --preset h100-multikey --init-from runs/stage2 --out runs/focus-tiny   # ~140 s
     python bench/train_tiny.py --preset smoke --out /tmp/smoke                                       # CPU, seconds
 
-Every shorter chain tried left multikey right only with the needle at depth 0 or 1 (40 % of the suite): stage 2 at
+Every shorter chain tried left multikey right only with the needle at depth 0 or 1 (40-50 % of the suite): stage 2 at
 5,000 steps (run 16a), no stage 2 and a 6,000-step stage 3 (run 16b), stage 1 ended at 70 % or 90 % of its schedule
 by --end-at (runs 17 and 18: 766 s and 866 s end to end, measured alone). A second stage 3 on run 18 taught multikey
 (90-100 %) but span copy then missed depth 1 (bench/README.md).
