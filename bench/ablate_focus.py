@@ -80,7 +80,7 @@ def main():
         ref = preds[name] if ref is None else ref  # the first row is dense
         r = E.summarize(cases, {"dense": ref, name: preds[name]})[name]
         misses = [(c["task"], round(c["depth"], 2)) for c, h in zip(cases, r["hits"]) if not h]
-        res["rows"][name] = {"acc": r["acc"], "agreement": r["agreement"], "ci95": r["ci95"],
+        res["rows"][name] = {"acc": r["acc"], "by_task": r["by_task"], "agreement": r["agreement"], "ci95": r["ci95"],
                              "config": None if cfg is None else cfg.__dict__, "seconds": time.perf_counter() - t0,
                              "misses": misses}
         print(f"{name:<32} acc {100 * r['acc']:5.1f}%  agreement {100 * r['agreement']:5.1f}%  misses {misses}",

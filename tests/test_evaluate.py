@@ -17,6 +17,19 @@ def test_bootstrap_ci_brackets_the_mean():
     assert bootstrap_ci([True] * 5) == (1.0, 1.0)
 
 
+def test_summarize_reports_each_task():
+    """Exact match per task beside the pooled one: passkey answered, multikey not -> 1.0 / 0.0, pooled 0.5."""
+    from focusdllm.evaluate import summarize
+    from focusdllm.tasks import make_cases
+
+    cases = make_cases("passkey", 2, 300) + make_cases("multikey", 2, 300)
+    right = [c["outputs"] + [VOCAB.eos_id] for c in cases]
+    wrong = [r if c["task"] == "passkey" else [VOCAB.eos_id] * len(r) for c, r in zip(cases, right)]
+    rows = summarize(cases, {"dense": right, "focus": wrong})
+    assert rows["dense"]["by_task"] == {"passkey": 1.0, "multikey": 1.0}
+    assert rows["focus"]["by_task"] == {"passkey": 1.0, "multikey": 0.0} and rows["focus"]["acc"] == 0.5
+
+
 def test_eval_command_writes_table_and_heatmap(tmp_path):
     pytest.importorskip("matplotlib")
     cfg = focusdllm.ModelConfig.from_name("llada-tiny").with_(

@@ -2,7 +2,8 @@
 
 `focusdllm eval --model focus-tiny --lengths 2048 4096 8192 16384 --device cuda` runs dense vanilla,
 Fast-dLLM, Focus (torch and flex executors, prompt-KV reuse) and an intentionally bad sparse setting on
-the same cases and writes a JSON table (+ a depth x length heatmap PNG with matplotlib). `--ask-other` asks
+the same cases and writes a JSON table, exact match pooled and per task (+ a depth x length heatmap PNG with
+matplotlib). `--ask-other` asks
 each multikey / span-copy case for another needle's key, which shows whether a model reads the key at all.
 """
 
@@ -79,7 +80,8 @@ def run_cases(model, cases, modes, block_length=32, tokens_per_step=1, batch_tok
 
 
 def summarize(cases, preds, ref_mode="dense"):
-    """Per mode: exact match, bootstrap CI, token agreement with the reference mode (None without it)."""
+    """Per mode: exact match (all cases and per task), bootstrap CI, token agreement with the reference mode
+    (None without it)."""
     rows = {}
     ref = preds.get(ref_mode)
     for m, gens in preds.items():
@@ -88,8 +90,11 @@ def summarize(cases, preds, ref_mode="dense"):
         if ref is not None:
             agree = sum(sum(a == b for a, b in zip(g, r)) / len(g) for g, r in zip(gens, ref)) / len(gens)
         lo, hi = bootstrap_ci(hits)
+        by_task: dict = {}
+        for c, h in zip(cases, hits):
+            by_task.setdefault(c["task"], []).append(h)
         rows[m] = {"acc": sum(hits) / len(hits), "ci95": [lo, hi], "agreement": agree, "n": len(hits),
-                   "hits": hits}
+                   "by_task": {t: sum(v) / len(v) for t, v in by_task.items()}, "hits": hits}
     return rows
 
 
@@ -168,8 +173,9 @@ def main(argv=None) -> int:
                 result["cells"].append({"mode": m, "length": length, "task": c["task"], "depth": c["depth"],
                                         "acc": float(hit)})
             agree = "   —  " if r["agreement"] is None else f"{100 * r['agreement']:5.1f}%"
+            tasks = " | ".join(f"{t} {100 * v:.0f}%" for t, v in r["by_task"].items())
             print(f"  {m:<11} acc {100 * r['acc']:5.1f}% [{100 * r['ci95'][0]:.0f}, {100 * r['ci95'][1]:.0f}]"
-                  f"  agreement {agree}  {secs[m]:.1f}s", flush=True)
+                  f"  agreement {agree}  {secs[m]:.1f}s  ({tasks})", flush=True)
     # aggregate depth cells to mean accuracy per (mode, length, depth) for the heatmap; depths off the grid
     # (--ask-other: where the asked needle sits) go to the nearest grid depth
     agg: dict = {}
