@@ -3,8 +3,8 @@
 `focusdllm eval --model focus-tiny --lengths 2048 4096 8192 16384 --device cuda` runs dense vanilla,
 Fast-dLLM, Focus (torch and flex executors, prompt-KV reuse) and an intentionally bad sparse setting on
 the same cases and writes a JSON table, exact match pooled and per task (+ a depth x length heatmap PNG with
-matplotlib). `--ask-other` asks
-each multikey / span-copy case for another needle's key, which shows whether a model reads the key at all.
+matplotlib). `--ask-other` asks each multikey / span-copy case for another needle's key, which shows whether a
+model reads the key at all.
 """
 
 from __future__ import annotations
