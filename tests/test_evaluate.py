@@ -79,10 +79,10 @@ def test_eval_ask_other_queries_a_distractor(tmp_path, monkeypatch):
     run = ev.run_cases
     monkeypatch.setattr(ev, "run_cases", spy)
     out = tmp_path / "r.json"
-    main(["--tasks", "multikey", "--lengths", "1024", "--depths", "5", "--per-depth", "1", "--device", "cpu",
+    main(["--tasks", "multikey", "--lengths", "2048", "--depths", "5", "--per-depth", "1", "--device", "cpu",
           "--dtype", "float32", "--modes", "dense", "--ask-other", "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["ask_other"] and len(seen) == 5 and all(c.get("asked") == "other" for c in seen)
-    assert res["summary"]["1024"]["dense"]["acc"] >= 0.8
+    assert res["summary"]["2048"]["dense"]["acc"] >= 0.8
     with pytest.raises(SystemExit):
         main(["--tasks", "passkey", "--ask-other", "--lengths", "1024", "--device", "cpu"])
