@@ -12,8 +12,8 @@ build them ahead of the GPU and the data are reproducible (the GPU arithmetic is
 
 The shipped weights (run 13: bench/results/train_log_run9_stage1.jsonl, train_log_run13_stage2.jsonl,
 train_log_run13.jsonl), three stages on one H100. Each stage's preset measured alone: 479 s (run 9), 312-315 s
-(runs 17-18; run 13's own stage 2 took 357 s beside another job) and 139-141 s (runs 16-18), ~932 s (15.5 min) in
-all, over the 15-minute aim:
+(runs 17-18, stage 1 just before on the same machine; run 13's own stage 2 took 357 s, 30 s of it a cold compile)
+and 139-141 s (runs 16-18), ~932 s (15.5 min) in all, over the 15-minute aim:
 
     python bench/train_tiny.py --preset h100 --out runs/stage1                                       # 479 s
     python bench/train_tiny.py --preset h100-refine --init-from runs/stage1 --out runs/stage2         # ~313 s
