@@ -324,7 +324,7 @@ def main(argv=None):
     while True:
         elapsed = time.time() - t_start
         p = step / a.steps if a.steps else elapsed / budget
-        if p >= 1.0 or (a.steps and step >= last) or (not a.steps and elapsed >= budget):
+        if (step >= last) if a.steps else (elapsed >= budget):  # fixed-step or wall-clock run ends
             break
         if a.gate_acc > 0 and gate_p is None and p >= a.gate_max:
             gate_p = p
