@@ -124,6 +124,13 @@ def step_batch(a, step: int, p: float, gate_p: float | None = None):
     return length, ids, region
 
 
+def loss_rows(region: torch.Tensor) -> torch.Tensor:
+    """The positions the loss reads: each row's region positions in order, then other positions up to the longest
+    region's size (never masked, so they add nothing to the loss) -> rows (B, N) int64."""
+    n = max(1, int(region.sum(1).max()))
+    return torch.sort((~region).to(torch.uint8), dim=1, stable=True).indices[:, :n]  # region first, in order
+
+
 class StepBatches(torch.utils.data.Dataset):
     """The batches of a fixed-step run (--steps N), indexed by step, so DataLoader workers build them ahead
     of the GPU (the CPU cost of a batch is ~10-20 ms, a step's GPU time about as much)."""

@@ -59,7 +59,7 @@ from focusdllm.models.loading import init_random  # noqa: E402
 from focusdllm.tasks import GEN_LENGTH, TASKS, VOCAB, evaluate, make_cases  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_data import StepBatches, log_top_length, step_batch, to_length  # noqa: E402
+from train_data import StepBatches, log_top_length, loss_rows, step_batch, to_length  # noqa: E402
 
 PRESETS = {
     # CI: a few steps on CPU, seconds
@@ -99,17 +99,23 @@ def build_config(a) -> ModelConfig:
     )
 
 
-def diffusion_loss(model, ids, region, gen: torch.Generator, eps: float = 1e-3, t_weight: bool = True):
+def diffusion_loss(model, ids, region, gen: torch.Generator, eps: float = 1e-3, t_weight: bool = True, rows=None):
     """LLaDA SFT loss: mask the region with ratio t per row; CE / t on masked tokens over the region size
-    (t_weight), or the plain mean CE over masked tokens. No host sync (no boolean indexing)."""
+    (t_weight), or the plain mean CE over masked tokens. No host sync (no boolean indexing).
+
+    rows (B, N) (`train_data.loss_rows`): every region position of each row, padded with other positions (never
+    masked); the model's last layer runs on those rows only (`DiffusionLM.hidden(out_rows=)`): the same loss for
+    less work."""
     b, n = ids.shape
     dev = ids.device
     t = eps + (1 - eps) * torch.rand(b, 1, device=dev, generator=gen)
     masked = region & (torch.rand(b, n, device=dev, generator=gen) < t)
     x = torch.where(masked, model.config.mask_id, ids)
+    if rows is not None:
+        ids, masked = ids.gather(1, rows), masked.gather(1, rows)  # (B, N): the region's rows
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        logits = model(x)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(b, n)
+        logits = model(x, out_rows=rows)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(b, -1)
     ce = ce * masked
     n_masked = masked.sum().clamp(min=1)
     if t_weight:
@@ -330,11 +336,12 @@ def main(argv=None):
             gate_p = p
             emit({"event": "gate", "step": step, "p": p, "forced": True})
         L, ids, region = next(batches) if batches is not None else step_batch(a, step, p, gate_p)
-        ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
+        rows = loss_rows(region)
+        ids, region, rows = (v.to(dev, non_blocking=True) for v in (ids, region, rows))
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, ce = diffusion_loss(fwd, ids, region, gen, t_weight=bool(a.t_weight))
+        loss, ce = diffusion_loss(fwd, ids, region, gen, t_weight=bool(a.t_weight), rows=rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = optimizer_step(model, opt)

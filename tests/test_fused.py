@@ -72,6 +72,28 @@ def test_query_rows_equal_the_rows_of_full_queries(fused_model):
         assert (qr - want).abs().max() < 1e-5 and (kr - k).abs().max() < 1e-5 and (vr - v).abs().max() < 1e-5
 
 
+def test_out_rows_equal_the_rows_of_the_full_forward(fused_model):
+    """forward(out_rows=...) (training's loss rows: the last layer on those rows only) gives exactly those rows
+    of the full logits, eager and fused, and the same gradients as the full forward's rows."""
+    m = fused_model
+    ids = torch.randint(0, 100, (2, 30), generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([[29, 28, 27, 3, 0], [5, 6, 7, 8, 1]])
+    for fuse in (False, True):
+        m.fuse(fuse)
+        full = m(ids)
+        want = full.gather(1, rows[..., None].expand(-1, -1, full.shape[-1]))
+        got = m(ids, out_rows=rows)
+        assert got.shape == want.shape and (got - want).abs().max() < 1e-5
+    m.fuse(False)
+    w = torch.randn(want.shape, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for out in (lambda: m(ids).gather(1, rows[..., None].expand(-1, -1, w.shape[-1])), lambda: m(ids, out_rows=rows)):
+        m.zero_grad()
+        (out() * w).sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all((a - b).abs().max() <= 1e-5 * a.abs().max() for a, b in zip(*grads))  # fp32 sums in another order
+
+
 def test_fused_cache_write_equals_eager_and_touches_only_its_slots(fused_model):
     """qkv_into (row steps: K/V scattered into the cache inside the compiled kernel) writes exactly the eager
     K/V at the given slots, leaves every other slot alone (the cache layer is a view of the whole cache), and

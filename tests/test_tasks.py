@@ -165,6 +165,33 @@ def test_train_batches_built_ahead_equal_inline():
         assert L == L0 and torch.equal(ids, ids0) and torch.equal(region, region0)
 
 
+def test_train_loss_on_region_rows_equals_the_full_loss():
+    """The loss through `loss_rows` (the last layer on each row's answer region only) equals the loss over the full
+    logits, and so do its gradients, on a batch of task rows and both kinds of copy rows."""
+    import random
+
+    train = _load_train()
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_data import loss_rows, make_batch
+
+    a = train.parse_args(["--preset", "smoke", "--out", "/tmp/unused"])
+    model = train.init_random(train.DiffusionLM(train.build_config(a)), seed=0)
+    ids, region = make_batch(random.Random(5), 384, 8, aux_frac=0.5, aux_kw={"exact": 0.5})
+    assert region.sum(1).min() < region.sum(1).max()  # ragged regions: some rows are padded
+    rows = loss_rows(region)
+    assert all(set(r[m].tolist()) == set(region[i].nonzero().flatten().tolist())
+               for i, (r, m) in enumerate(zip(rows, region.gather(1, rows))))
+    out = []
+    for kw in ({}, {"rows": rows}):
+        model.zero_grad()
+        loss, ce = train.diffusion_loss(model, ids, region, torch.Generator().manual_seed(1), t_weight=False, **kw)
+        loss.backward()
+        out.append((loss, ce, [p.grad.clone() for p in model.parameters()]))
+    (l0, c0, g0), (l1, c1, g1) = out
+    assert abs(l0 - l1) < 1e-5 and abs(c0 - c1) < 1e-5
+    assert all((x - y).abs().max() <= 1e-5 * x.abs().max() for x, y in zip(g0, g1))
+
+
 @pytest.mark.skipif(not (WEIGHTS / "model.safetensors").is_file(), reason="focus-tiny weights not shipped yet")
 def test_focus_tiny_solves_short_passkey():
     from focusdllm import load_model

@@ -154,16 +154,23 @@ class DiffusionLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        out_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Dense bidirectional forward: input_ids (B, L) -> logits (B, L, vocab), unshifted.
 
         With `attention_mask` (B, L) (1 = token, 0 = pad), pad keys are masked out and positions
         default to cumsum(mask) - 1, so a left-padded row equals the same prompt run alone.
+        With `out_rows` (B, N), the logits of those rows only (B, N, vocab): see `hidden`.
         """
-        return self.logits(self.hidden(input_ids, attention_mask, positions))
+        return self.logits(self.hidden(input_ids, attention_mask, positions, out_rows))
 
-    def hidden(self, input_ids, attention_mask=None, positions=None) -> torch.Tensor:
-        """The last layer's output (B, L, C), before the final norm."""
+    def hidden(self, input_ids, attention_mask=None, positions=None, out_rows=None) -> torch.Tensor:
+        """The last layer's output (B, L, C), before the final norm.
+
+        out_rows (B, N): the last layer computes queries, MLP and output for these rows only (its keys and
+        values still come from every row) -> (B, N, C), equal to the full output's rows. Training's loss reads
+        only the masked answer rows (bench/train_tiny.py), so the other rows' last-layer work is skipped.
+        """
         if positions is None:
             if attention_mask is None:
                 positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -173,8 +180,12 @@ class DiffusionLM(nn.Module):
         valid = None if attention_mask is None else attention_mask.bool()
         cos, sin = self.rope.cos_sin(positions, self.dtype)
         x = self.embed(input_ids)
-        for blk in self.blocks:
-            q, k, v = blk.qkv(x, self.rope, cos, sin)
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            rows = out_rows if i == last else None
+            q, k, v = blk.qkv(x, self.rope, cos, sin, rows)
+            if rows is not None:
+                x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))  # residual of the rows (B, N, C)
             x = blk.finish(x, dense_attention(q, k, v, valid))
         return x
 
