@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny import suite_eval  # noqa: E402
+from train_eval import suite_eval  # noqa: E402
 
 from focusdllm import load_model  # noqa: E402
 

@@ -1,10 +1,12 @@
 """Training throughput of focus-tiny's recipe (bench/train_tiny.py) by loop variant and length.
 
 For each model shape and length: steps timed after a warm-up, with the batch built inline (the CPU then
-waits on the GPU and vice versa), built ahead by DataLoader workers, and with the forward compiled too.
+waits on the GPU and vice versa), built ahead by DataLoader workers, with the forward compiled too, and with the
+last layer on the loss rows only as well (`rows`: `train_data.loss_rows`, the recipe's loop since session 9).
 Sets --steps of a fixed-step run that must fit a time budget.
 
     python bench/probe_train.py --lengths 1024 8192 16384 --layers 4 6 --out probe_train.json
+    python bench/probe_train.py --lengths 320 4096 16384 24640 --variants compile rows --out probe_train_rows.json
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_tiny  # noqa: E402
-from train_data import StepBatches, step_batch  # noqa: E402
+from train_data import StepBatches, loss_rows, step_batch  # noqa: E402
 
 
 def run(a, variant: str, steps: int, warmup: int) -> float:
@@ -27,7 +29,7 @@ def run(a, variant: str, steps: int, warmup: int) -> float:
     dev = torch.device(a.device)
     model = train_tiny.init_random(train_tiny.DiffusionLM(train_tiny.build_config(a)).to(dev), seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    fwd = torch.compile(model, dynamic=True) if variant == "compile" else model
+    fwd = torch.compile(model, dynamic=True) if variant in ("compile", "rows") else model
     gen = torch.Generator(device=dev).manual_seed(0)
     a.steps = warmup + steps
     loader = None
@@ -40,8 +42,9 @@ def run(a, variant: str, steps: int, warmup: int) -> float:
             torch.cuda.synchronize()
             t0, tok = time.perf_counter(), 0
         _, ids, region = next(loader) if loader else step_batch(a, i, 0.5)
+        rows = loss_rows(region).to(dev, non_blocking=True) if variant == "rows" else None
         ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
-        loss, _ = train_tiny.diffusion_loss(fwd, ids, region, gen, t_weight=False)
+        loss, _ = train_tiny.diffusion_loss(fwd, ids, region, gen, t_weight=False, rows=rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if variant == "inline":

@@ -54,12 +54,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from focusdllm import DiffusionLM, ModelConfig, generate, load_model, save_model  # noqa: E402
+from focusdllm import DiffusionLM, ModelConfig, load_model, save_model  # noqa: E402
 from focusdllm.models.loading import init_random  # noqa: E402
-from focusdllm.tasks import GEN_LENGTH, TASKS, VOCAB, evaluate, make_cases  # noqa: E402
+from focusdllm.tasks import TASKS, VOCAB  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_data import StepBatches, log_top_length, loss_rows, step_batch, to_length  # noqa: E402
+from train_eval import run_eval, suite_eval  # noqa: E402
 
 PRESETS = {
     # CI: a few steps on CPU, seconds
@@ -139,62 +140,6 @@ def snapshot(model, cfg, out: Path, dtype) -> None:
     ship = DiffusionLM(cfg)
     ship.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
     save_model(ship.to(dtype), out)
-
-
-@torch.no_grad()
-def generate_eval(model, cases, max_batch_tokens) -> dict:
-    """Exact match of `focusdllm.generate(mode="vanilla")`, 1 token per step, blocks of 32 (the fidelity
-    suite's dense reference)."""
-    ok = 0
-    lp, gl = len(cases[0]["input"]), cases[0]["gen_length"]
-    bs = max(1, max_batch_tokens // (lp + gl))
-    for j in range(0, len(cases), bs):
-        chunk = cases[j:j + bs]
-        ids = torch.tensor([c["input"] for c in chunk], device=model.device)
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
-            seq = generate(model, ids, gen_length=gl, block_length=32, steps=gl, mode="vanilla").sequences
-        for c, row in zip(chunk, seq[:, lp:].tolist()):
-            ok += row[: len(c["outputs"])] == c["outputs"]
-    return {"acc": ok / len(cases), "strict": float("nan"), "n": len(cases)}
-
-
-def run_eval(model, lengths, n, tokens_per_step, seed, max_batch_tokens, tasks=TASKS, use_generate=False):
-    """Exact match per task and total length (prompt = length - gen_length) with dense decoding."""
-    out = []
-    model.eval()
-    for L in lengths:
-        for task in tasks:
-            cases = make_cases(task, n, L - GEN_LENGTH[task], seed=seed)
-            t0 = time.time()
-            if use_generate:
-                r = generate_eval(model, cases, max_batch_tokens)
-            else:
-                r = evaluate(model, cases, max_batch_tokens=max_batch_tokens, tokens_per_step=tokens_per_step)
-            out.append({"task": task, "length": L, "acc": r["acc"], "strict": r["strict"], "n": r["n"],
-                        "secs": round(time.time() - t0, 2)})
-    model.train()
-    return out
-
-
-def suite_eval(model, lengths, tasks, depths=5, per_depth=2, seed=1234):
-    """Dense exact match per task on the fidelity suite's case grid (`focusdllm.evaluate`: `depths` needle
-    depths 0..1 inclusive, `per_depth` cases each, case seeds `seed` + depth index), same decode."""
-    from focusdllm.evaluate import run_cases
-
-    out = []
-    for L in lengths:
-        for task in tasks:
-            cases = []
-            for di in range(depths):
-                cases += make_cases(task, per_depth, L, seed=seed + di, depth=di / max(1, depths - 1))
-            t0 = time.time()
-            preds, _ = run_cases(model, cases, ["dense"], log=lambda s: None)
-            hits = [g[: len(c["outputs"])] == c["outputs"] for c, g in zip(cases, preds["dense"])]
-            out.append({"task": task, "length": L, "acc": sum(hits) / len(hits), "n": len(hits), "seed": seed,
-                        "per_depth": per_depth, "misses_at_depth": [round(c["depth"], 2) for c, h in
-                                                                    zip(cases, hits) if not h],
-                        "secs": round(time.time() - t0, 2)})
-    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -277,7 +222,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def main(argv=None):
+def main(argv=None, keep: dict | None = None):
+    """One run (a stage) of the recipe. keep: carries the model and its compiled forward from stage to stage in
+    one process (bench/train_recipe.py); a stage loads its --init-from weights into the kept model."""
     a = parse_args(argv)
     dev = torch.device(a.device)
     out = Path(a.out)
@@ -287,7 +234,11 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = True
 
     cfg = build_config(a)
-    model = init_random(DiffusionLM(cfg).to(dev), seed=a.seed).train()
+    kept = keep is not None and keep.get("key") == (cfg, dev, a.compile)
+    model = init_random(keep["model"] if kept else DiffusionLM(cfg).to(dev), seed=a.seed).train()
+    fwd = keep["fwd"] if kept else torch.compile(model, dynamic=True) if a.compile else model
+    if keep is not None:
+        keep.update(key=(cfg, dev, a.compile), model=model, fwd=fwd)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
@@ -321,7 +272,6 @@ def main(argv=None):
     losses = []
     gate_p, t_save = None, time.time()
     last = round(a.steps * a.end_at)  # the step the run ends at (fixed-step runs)
-    fwd = torch.compile(model, dynamic=True) if a.compile else model
     batches = None
     if a.workers:  # fixed-step runs: batches are built ahead by worker processes
         batches = iter(torch.utils.data.DataLoader(
@@ -378,6 +328,8 @@ def main(argv=None):
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "trained_s": trained_s,
                 "gen": gen.get_state()}, a.ckpt or out / "ckpt.pt")
     snapshot(model, cfg, out, getattr(torch, a.save_dtype))
+    if keep is not None:
+        keep["saved_at"] = time.time()  # the weights are written: the recipe's clock stops here
     if a.steps and step < last:  # paused by --stop-after: no final eval yet
         log.close()
         return []

@@ -130,6 +130,28 @@ def test_train_resume_continues_the_run_exactly(tmp_path):
             train.parse_args(["--preset", preset, "--out", str(tmp_path / "x")])
 
 
+def test_train_recipe_in_one_process_equals_the_stages_run_apart(tmp_path):
+    """bench/train_recipe.py runs the stages in one process, the model and its forward kept from one to the next:
+    every stage ends with the same weights as the same presets run one by one (--init-from the stage before)."""
+    from safetensors.torch import load_file
+
+    train = _load_train()
+    spec = importlib.util.spec_from_file_location("train_recipe", ROOT / "bench" / "train_recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    common = ["--steps", "8", "--log-every", "4", "--eval-lengths", "320", "--eval-n", "1"]
+    rec = recipe.main(["--out", str(tmp_path / "one"), "--stages", "smoke,smoke,smoke", "--", *common])
+    prev = []
+    for d in ("a", "b", "c"):
+        train.main(["--preset", "smoke", "--out", str(tmp_path / d), *common, *prev])
+        prev = ["--init-from", str(tmp_path / d)]
+    for one, apart in (("one/stage1", "a"), ("one/stage2", "b"), ("one", "c")):
+        w1, w2 = (load_file(tmp_path / f / "model.safetensors") for f in (one, apart))
+        assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1), one
+    assert [s["preset"] for s in rec["stages"]] == ["smoke"] * 3 and rec["recipe_secs"] > 0
+    assert json.loads((tmp_path / "one" / "recipe.json").read_text()) == rec
+
+
 def test_train_step_skips_non_finite_gradients():
     """A NaN gradient skips the optimizer step on the device (no host sync): weights and Adam state stay as
     they were; the next finite step updates them."""
