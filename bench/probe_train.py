@@ -24,8 +24,9 @@ import train_tiny  # noqa: E402
 from train_data import StepBatches, loss_rows, step_batch  # noqa: E402
 
 
-def run(a, variant: str, steps: int, warmup: int) -> float:
-    """tokens/s of `steps` training steps after `warmup` ones (fresh model and optimizer)."""
+def run(a, variant: str, steps: int, warmup: int) -> tuple[float, float | None]:
+    """tokens/s of `steps` training steps after `warmup` ones (fresh model and optimizer), and for `rows` the
+    relative difference of its first loss from the full-logits loss (bf16 autocast, the same masks)."""
     dev = torch.device(a.device)
     model = train_tiny.init_random(train_tiny.DiffusionLM(train_tiny.build_config(a)).to(dev), seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
@@ -36,7 +37,7 @@ def run(a, variant: str, steps: int, warmup: int) -> float:
     if variant != "inline":
         loader = iter(torch.utils.data.DataLoader(StepBatches(a), batch_size=None, sampler=range(a.steps),
                                                   num_workers=a.workers, pin_memory=True, prefetch_factor=4))
-    tok = 0
+    tok, rel = 0, None
     for i in range(a.steps):
         if i == warmup:
             torch.cuda.synchronize()
@@ -44,7 +45,13 @@ def run(a, variant: str, steps: int, warmup: int) -> float:
         _, ids, region = next(loader) if loader else step_batch(a, i, 0.5)
         rows = loss_rows(region).to(dev, non_blocking=True) if variant == "rows" else None
         ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
+        if rows is not None and rel is None:  # the rows loss against the full loss on the first batch, same masks
+            state = gen.get_state()
+            full, _ = train_tiny.diffusion_loss(fwd, ids, region, gen, t_weight=False)
+            gen.set_state(state)
         loss, _ = train_tiny.diffusion_loss(fwd, ids, region, gen, t_weight=False, rows=rows)
+        if rows is not None and rel is None:
+            rel = abs(loss.item() - full.item()) / abs(full.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if variant == "inline":
@@ -55,7 +62,7 @@ def run(a, variant: str, steps: int, warmup: int) -> float:
             train_tiny.optimizer_step(model, opt)
         tok += ids.numel()
     torch.cuda.synchronize()
-    return tok / (time.perf_counter() - t0)
+    return tok / (time.perf_counter() - t0), rel
 
 
 def main():
@@ -76,8 +83,9 @@ def main():
                 a = train_tiny.parse_args(["--preset", "h100", "--out", "/tmp/probe", "--n-layers", str(layers),
                                            "--min-len", str(L), "--max-len", str(L), "--steps", "1"])
                 a.workers = p.workers
-                tps = run(a, variant, p.steps, p.warmup)
-                rows.append({"layers": layers, "variant": variant, "length": L, "tokens_per_s": tps})
+                tps, rel = run(a, variant, p.steps, p.warmup)
+                rows.append({"layers": layers, "variant": variant, "length": L, "tokens_per_s": tps,
+                             **({"loss_rel_diff": rel} if rel is not None else {})})
                 print(json.dumps(rows[-1]), flush=True)
                 Path(p.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                                                    "rows": rows}, indent=1))
