@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_tiny  # noqa: E402
-from train_data import StepBatches, loss_rows, step_batch  # noqa: E402
+from train_data import StepBatches, step_batch  # noqa: E402
 
 
 def run(a, variant: str, steps: int, warmup: int) -> tuple[float, float | None]:
@@ -42,8 +42,8 @@ def run(a, variant: str, steps: int, warmup: int) -> tuple[float, float | None]:
         if i == warmup:
             torch.cuda.synchronize()
             t0, tok = time.perf_counter(), 0
-        _, ids, region = next(loader) if loader else step_batch(a, i, 0.5)
-        rows = loss_rows(region).to(dev, non_blocking=True) if variant == "rows" else None
+        _, ids, region, rows = next(loader) if loader else (*step_batch(a, i, 0.5), None)
+        rows = rows.to(dev, non_blocking=True) if variant == "rows" else None
         ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
         if rows is not None and rel is None:  # the rows loss against the full loss on the first batch, same masks
             state = gen.get_state()

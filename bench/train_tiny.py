@@ -285,8 +285,11 @@ def main(argv=None, keep: dict | None = None):
         if a.gate_acc > 0 and gate_p is None and p >= a.gate_max:
             gate_p = p
             emit({"event": "gate", "step": step, "p": p, "forced": True})
-        L, ids, region = next(batches) if batches is not None else step_batch(a, step, p, gate_p)
-        rows = loss_rows(region)
+        if batches is not None:
+            L, ids, region, rows = next(batches)
+        else:
+            L, ids, region = step_batch(a, step, p, gate_p)
+            rows = loss_rows(region)
         ids, region, rows = (v.to(dev, non_blocking=True) for v in (ids, region, rows))
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
         for g in opt.param_groups:

@@ -175,16 +175,17 @@ def test_train_batches_built_ahead_equal_inline():
     the loop would build inline, in step order, so --workers does not change the run."""
     train = _load_train()
     sys.path.insert(0, str(ROOT / "bench"))
-    from train_data import StepBatches, step_batch
+    from train_data import StepBatches, loss_rows, step_batch
 
     a = train.parse_args(["--preset", "smoke", "--out", "/tmp/unused", "--steps", "6", "--min-len", "320",
                           "--max-len", "2048", "--hold", "0", "--ramp", "0.5"])
     loader = torch.utils.data.DataLoader(StepBatches(a), batch_size=None, sampler=range(2, 6), num_workers=2)
     got = list(loader)
     assert len({g[0] for g in got}) > 1  # the curriculum moves: several lengths
-    for step, (L, ids, region) in zip(range(2, 6), got):
+    for step, (L, ids, region, rows) in zip(range(2, 6), got):
         L0, ids0, region0 = step_batch(a, step, step / a.steps)
         assert L == L0 and torch.equal(ids, ids0) and torch.equal(region, region0)
+        assert torch.equal(rows, loss_rows(region0))
 
 
 def test_train_loss_on_region_rows_equals_the_full_loss():
