@@ -1,12 +1,13 @@
 """Training throughput of focus-tiny's recipe (bench/train_tiny.py) by loop variant and length.
 
 For each model shape and length: steps timed after a warm-up, with the batch built inline (the CPU then
-waits on the GPU and vice versa), built ahead by DataLoader workers, with the forward compiled too, and with the
-last layer on the loss rows only as well (`rows`: `train_data.loss_rows`, the recipe's loop since session 9).
+waits on the GPU and vice versa), built ahead by DataLoader workers, with the forward compiled too (SDPA picks the
+attention backend), with flash attention forced (`flash`), and with the last layer on the loss rows only as well
+(`rows`: `train_data.loss_rows`; flash too, the recipe's loop since session 9).
 Sets --steps of a fixed-step run that must fit a time budget.
 
     python bench/probe_train.py --lengths 1024 8192 16384 --layers 4 6 --out probe_train.json
-    python bench/probe_train.py --lengths 320 4096 16384 24640 --variants compile rows --out probe_train_rows.json
+    python bench/probe_train.py --lengths 320 4096 16384 24640 --variants compile flash rows --out probe_train_rows.json
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def run(a, variant: str, steps: int, warmup: int) -> tuple[float, float | None]:
     dev = torch.device(a.device)
     model = train_tiny.init_random(train_tiny.DiffusionLM(train_tiny.build_config(a)).to(dev), seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    fwd = torch.compile(model, dynamic=True) if variant in ("compile", "rows") else model
+    fwd = torch.compile(model, dynamic=True) if variant != "inline" and variant != "workers" else model
+    # the loop before session 9 let SDPA choose (cuDNN on the H100); `flash` and `rows` use the recipe's TRAIN_SDPA
+    sdpa = train_tiny.TRAIN_SDPA if variant in ("flash", "rows") else None
     gen = torch.Generator(device=dev).manual_seed(0)
     a.steps = warmup + steps
     loader = None
@@ -47,9 +50,9 @@ def run(a, variant: str, steps: int, warmup: int) -> tuple[float, float | None]:
         ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
         if rows is not None and rel is None:  # the rows loss against the full loss on the first batch, same masks
             state = gen.get_state()
-            full, _ = train_tiny.diffusion_loss(fwd, ids, region, gen, t_weight=False)
+            full, _ = train_tiny.diffusion_loss(fwd, ids, region, gen, t_weight=False, sdpa=sdpa)
             gen.set_state(state)
-        loss, _ = train_tiny.diffusion_loss(fwd, ids, region, gen, t_weight=False, rows=rows)
+        loss, _ = train_tiny.diffusion_loss(fwd, ids, region, gen, t_weight=False, rows=rows, sdpa=sdpa)
         if rows is not None and rel is None:
             rel = abs(loss.item() - full.item()) / abs(full.item())
         opt.zero_grad(set_to_none=True)

@@ -43,6 +43,7 @@ With --steps 0 the schedule follows the wall clock (--minutes) instead, and the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -51,6 +52,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -100,13 +102,19 @@ def build_config(a) -> ModelConfig:
     )
 
 
-def diffusion_loss(model, ids, region, gen: torch.Generator, eps: float = 1e-3, t_weight: bool = True, rows=None):
+# training attention: flash on CUDA. cuDNN (SDPA's default on the H100) builds a kernel per new shape, and the loss
+# rows' query count changes every step: 10-70x slower steps (bench/results/probe_train_rows_h100.json)
+TRAIN_SDPA = (SDPBackend.FLASH_ATTENTION,)
+
+
+def diffusion_loss(model, ids, region, gen: torch.Generator, eps: float = 1e-3, t_weight: bool = True, rows=None,
+                   sdpa=TRAIN_SDPA):
     """LLaDA SFT loss: mask the region with ratio t per row; CE / t on masked tokens over the region size
     (t_weight), or the plain mean CE over masked tokens. No host sync (no boolean indexing).
 
     rows (B, N) (`train_data.loss_rows`): every region position of each row, padded with other positions (never
     masked); the model's last layer runs on those rows only (`DiffusionLM.hidden(out_rows=)`): the same loss for
-    less work."""
+    less work. sdpa: the attention backends allowed on CUDA (None: SDPA's own choice)."""
     b, n = ids.shape
     dev = ids.device
     t = eps + (1 - eps) * torch.rand(b, 1, device=dev, generator=gen)
@@ -114,7 +122,8 @@ def diffusion_loss(model, ids, region, gen: torch.Generator, eps: float = 1e-3, 
     x = torch.where(masked, model.config.mask_id, ids)
     if rows is not None:
         ids, masked = ids.gather(1, rows), masked.gather(1, rows)  # (B, N): the region's rows
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+    backends = sdpa_kernel(list(sdpa)) if sdpa and dev.type == "cuda" else contextlib.nullcontext()
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"), backends:
         logits = model(x, out_rows=rows)
     ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(b, -1)
     ce = ce * masked
