@@ -3,11 +3,12 @@
 For each model shape and length: steps timed after a warm-up, with the batch built inline (the CPU then
 waits on the GPU and vice versa), built ahead by DataLoader workers, with the forward compiled too (SDPA picks the
 attention backend), with flash attention forced (`flash`), and with the last layer on the loss rows only as well
-(`rows`: `train_data.loss_rows`; flash too, the recipe's loop since session 9).
+(`rows`: `train_data.loss_rows`, the recipe's loop since session 9; `rows-flash` with flash).
 Sets --steps of a fixed-step run that must fit a time budget.
 
     python bench/probe_train.py --lengths 1024 8192 16384 --layers 4 6 --out probe_train.json
-    python bench/probe_train.py --lengths 320 4096 16384 24640 --variants compile flash rows --out probe_train_rows.json
+    python bench/probe_train.py --lengths 320 4096 16384 24640 --variants compile flash rows rows-flash --mixed 24640 \
+        --out probe_train_rows.json
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ def run(a, variant: str, steps: int, warmup: int) -> tuple[float, float | None]:
     model = train_tiny.init_random(train_tiny.DiffusionLM(train_tiny.build_config(a)).to(dev), seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     fwd = torch.compile(model, dynamic=True) if variant != "inline" and variant != "workers" else model
-    # the loop before session 9 let SDPA choose (cuDNN on the H100); `flash` and `rows` use the recipe's TRAIN_SDPA
-    sdpa = train_tiny.TRAIN_SDPA if variant in ("flash", "rows") else None
+    sdpa = train_tiny.SDPA["flash" if variant.endswith("flash") else "default"]
     gen = torch.Generator(device=dev).manual_seed(0)
     a.steps = warmup + steps
     loader = None
@@ -46,7 +46,7 @@ def run(a, variant: str, steps: int, warmup: int) -> tuple[float, float | None]:
             torch.cuda.synchronize()
             t0, tok = time.perf_counter(), 0
         _, ids, region, rows = next(loader) if loader else (*step_batch(a, i, 0.5), None)
-        rows = rows.to(dev, non_blocking=True) if variant == "rows" else None
+        rows = rows.to(dev, non_blocking=True) if variant.startswith("rows") and rows is not None else None
         ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
         if rows is not None and rel is None:  # the rows loss against the full loss on the first batch, same masks
             state = gen.get_state()
@@ -76,15 +76,18 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--mixed", type=int, default=0, help="also a row of lengths drawn from 1K to this, per step")
     ap.add_argument("--out", required=True)
     p = ap.parse_args()
     rows = []
     for layers in p.layers:
         for variant in p.variants:
             torch._dynamo.reset()  # one dynamic-shape compile serves every length
-            for L in p.lengths:
+            for L in p.lengths + ([-p.mixed] if p.mixed else []):  # -M: lengths 1K..M, the top reached at once
+                lo, hi = (1024, -L) if L < 0 else (L, L)
                 a = train_tiny.parse_args(["--preset", "h100", "--out", "/tmp/probe", "--n-layers", str(layers),
-                                           "--min-len", str(L), "--max-len", str(L), "--steps", "1"])
+                                           "--min-len", str(lo), "--max-len", str(hi), "--steps", "1", "--hold", "0",
+                                           "--ramp", "1e-6"])
                 a.workers = p.workers
                 tps, rel = run(a, variant, p.steps, p.warmup)
                 rows.append({"layers": layers, "variant": variant, "length": L, "tokens_per_s": tps,

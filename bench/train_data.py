@@ -124,11 +124,18 @@ def step_batch(a, step: int, p: float, gate_p: float | None = None):
     return length, ids, region
 
 
-def loss_rows(region: torch.Tensor) -> torch.Tensor:
-    """The positions the loss reads: each row's region positions in order, then other positions up to the longest
-    region's size (never masked, so they add nothing to the loss) -> rows (B, N) int64."""
-    n = max(1, int(region.sum(1).max()))
-    return torch.sort((~region).to(torch.uint8), dim=1, stable=True).indices[:, :n]  # region first, in order
+TAIL = max(GEN_LENGTH.values())  # every task row's answer region lies in its last TAIL positions
+
+
+def loss_rows(region: torch.Tensor) -> torch.Tensor | None:
+    """The positions the loss reads when every row's region lies in its last TAIL positions (task rows): those
+    positions (B, TAIL) int64, one fixed size (a size that changed every step cost 10-100x slower steps on the
+    H100: bench/results/probe_train_rows_h100.json). None when a copy row's region reaches further: the full
+    forward then."""
+    b, n = region.shape
+    if n <= TAIL or region[:, : n - TAIL].any():
+        return None
+    return torch.arange(n - TAIL, n).expand(b, -1)
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -142,7 +149,6 @@ class StepBatches(torch.utils.data.Dataset):
         return self.a.steps
 
     def __getitem__(self, step: int):
-        """(L, ids, region, rows): the step's batch and its loss rows (`loss_rows`, built here: on the main
-        process, a CPU sort beside the GPU loop slowed training ~15x on the H100 machine)."""
+        """(L, ids, region, rows): the step's batch and its loss rows (`loss_rows`)."""
         L, ids, region = step_batch(self.a, step, step / self.a.steps)
         return L, ids, region, loss_rows(region)

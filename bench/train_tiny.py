@@ -102,19 +102,19 @@ def build_config(a) -> ModelConfig:
     )
 
 
-# training attention: flash on CUDA. cuDNN (SDPA's default on the H100) builds a kernel per new shape, and the loss
-# rows' query count changes every step: 10-70x slower steps (bench/results/probe_train_rows_h100.json)
-TRAIN_SDPA = (SDPBackend.FLASH_ATTENTION,)
+# attention backends for --sdpa (CUDA): flash runs any shape as it comes; cuDNN, SDPA's own first choice on the H100,
+# prepares each new shape first
+SDPA = {"default": None, "flash": (SDPBackend.FLASH_ATTENTION,)}
 
 
 def diffusion_loss(model, ids, region, gen: torch.Generator, eps: float = 1e-3, t_weight: bool = True, rows=None,
-                   sdpa=TRAIN_SDPA):
+                   sdpa=None):
     """LLaDA SFT loss: mask the region with ratio t per row; CE / t on masked tokens over the region size
     (t_weight), or the plain mean CE over masked tokens. No host sync (no boolean indexing).
 
-    rows (B, N) (`train_data.loss_rows`): every region position of each row, padded with other positions (never
-    masked); the model's last layer runs on those rows only (`DiffusionLM.hidden(out_rows=)`): the same loss for
-    less work. sdpa: the attention backends allowed on CUDA (None: SDPA's own choice)."""
+    rows (B, N) (`train_data.loss_rows`): positions holding every region position (the others are never masked);
+    the model's last layer runs on those rows only (`DiffusionLM.hidden(out_rows=)`): the same loss for less work.
+    sdpa: the attention backends allowed on CUDA (None: SDPA's own choice)."""
     b, n = ids.shape
     dev = ids.device
     t = eps + (1 - eps) * torch.rand(b, 1, device=dev, generator=gen)
@@ -204,6 +204,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader processes building batches ahead (needs --steps; 0: inline)")
     ap.add_argument("--compile", type=int, default=None, help="1: torch.compile the training forward")
+    ap.add_argument("--sdpa", choices=sorted(SDPA), default="default",
+                    help="training attention on CUDA: SDPA's own choice or flash only")
     ap.add_argument("--end-at", type=float, default=None,
                     help="train the first fraction of a fixed-step run's schedule (LR, lengths, data) and finish there")
     ap.add_argument("--stop-after", type=float, default=0.0,
@@ -299,11 +301,13 @@ def main(argv=None, keep: dict | None = None):
         else:
             L, ids, region = step_batch(a, step, p, gate_p)
             rows = loss_rows(region)
-        ids, region, rows = (v.to(dev, non_blocking=True) for v in (ids, region, rows))
+        ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
+        rows = None if rows is None else rows.to(dev, non_blocking=True)
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, ce = diffusion_loss(fwd, ids, region, gen, t_weight=bool(a.t_weight), rows=rows)
+        loss, ce = diffusion_loss(fwd, ids, region, gen, t_weight=bool(a.t_weight), rows=rows,
+                                  sdpa=SDPA[a.sdpa])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = optimizer_step(model, opt)

@@ -185,25 +185,26 @@ def test_train_batches_built_ahead_equal_inline():
     for step, (L, ids, region, rows) in zip(range(2, 6), got):
         L0, ids0, region0 = step_batch(a, step, step / a.steps)
         assert L == L0 and torch.equal(ids, ids0) and torch.equal(region, region0)
-        assert torch.equal(rows, loss_rows(region0))
+        want = loss_rows(region0)
+        assert (rows is None and want is None) or torch.equal(rows, want)
 
 
 def test_train_loss_on_region_rows_equals_the_full_loss():
-    """The loss through `loss_rows` (the last layer on each row's answer region only) equals the loss over the full
-    logits, and so do its gradients, on a batch of task rows and both kinds of copy rows."""
+    """The loss through `loss_rows` (the last layer on the answer tail only) equals the loss over the full logits,
+    and so do its gradients, on task rows of all three tasks; a batch with copy rows takes the full forward."""
     import random
 
     train = _load_train()
     sys.path.insert(0, str(ROOT / "bench"))
-    from train_data import loss_rows, make_batch
+    from train_data import TAIL, loss_rows, make_batch
 
     a = train.parse_args(["--preset", "smoke", "--out", "/tmp/unused"])
     model = train.init_random(train.DiffusionLM(train.build_config(a)), seed=0)
-    ids, region = make_batch(random.Random(5), 384, 8, aux_frac=0.5, aux_kw={"exact": 0.5})
-    assert region.sum(1).min() < region.sum(1).max()  # ragged regions: some rows are padded
+    ids, region = make_batch(random.Random(5), 384, 9, task_weights=[1, 1, 1])
+    assert region.sum(1).min() < TAIL == region.sum(1).max()  # passkey / multikey regions are shorter than the tail
     rows = loss_rows(region)
-    assert all(set(r[m].tolist()) == set(region[i].nonzero().flatten().tolist())
-               for i, (r, m) in enumerate(zip(rows, region.gather(1, rows))))
+    assert rows.shape == (9, TAIL) and bool(region.gather(1, rows).sum() == region.sum())
+    assert loss_rows(make_batch(random.Random(5), 384, 8, aux_frac=0.5)[1]) is None
     out = []
     for kw in ({}, {"rows": rows}):
         model.zero_grad()
