@@ -135,7 +135,7 @@ def loss_rows(region: torch.Tensor) -> torch.Tensor | None:
     b, n = region.shape
     if n <= TAIL or region[:, : n - TAIL].any():
         return None
-    return torch.arange(n - TAIL, n).expand(b, -1)
+    return torch.arange(n - TAIL, n).repeat(b, 1)  # a real (B, TAIL) tensor: workers pin it for the copy
 
 
 class StepBatches(torch.utils.data.Dataset):
