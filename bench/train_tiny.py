@@ -20,6 +20,10 @@ and 139-141 s (runs 16-18), ~932 s (15.5 min) in all, over the 15-minute aim:
     python bench/train_tiny.py --preset h100-multikey --init-from runs/stage2 --out runs/focus-tiny   # ~140 s
     python bench/train_tiny.py --preset smoke --out /tmp/smoke                                       # CPU, seconds
 
+bench/train_recipe.py runs the three presets in one process: run 19 (--loss-rows 1 --sdpa flash) took 984 s from
+start to weights (stages 552 / 303 / 103 s: flash slowed stage 1's mid lengths, the loss rows sped stage 3 up 12 %, and
+stages 2-3 started in 2-4 s instead of 18-28 s) and passed the suite (bench/results/train_recipe_run19.json).
+
 Every shorter chain tried left multikey right only with the needle at depth 0 or 1 (40-50 % of the suite): stage 2 at
 5,000 steps (run 16a), no stage 2 and a 6,000-step stage 3 (run 16b), stage 1 ended at 70 % or 90 % of its schedule
 by --end-at (runs 17 and 18: 766 s and 866 s end to end, measured alone). A second stage 3 on run 18 taught multikey
@@ -206,6 +210,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile", type=int, default=None, help="1: torch.compile the training forward")
     ap.add_argument("--sdpa", choices=sorted(SDPA), default="default",
                     help="training attention on CUDA: SDPA's own choice or flash only")
+    ap.add_argument("--loss-rows", type=int, default=0,
+                    help="1: the last layer on the answer tail only in task-row batches (train_data.loss_rows)")
     ap.add_argument("--end-at", type=float, default=None,
                     help="train the first fraction of a fixed-step run's schedule (LR, lengths, data) and finish there")
     ap.add_argument("--stop-after", type=float, default=0.0,
@@ -301,6 +307,7 @@ def main(argv=None, keep: dict | None = None):
         else:
             L, ids, region = step_batch(a, step, p, gate_p)
             rows = loss_rows(region)
+        rows = rows if a.loss_rows else None
         ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
         rows = None if rows is None else rows.to(dev, non_blocking=True)
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))

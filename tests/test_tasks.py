@@ -139,7 +139,7 @@ def test_train_recipe_in_one_process_equals_the_stages_run_apart(tmp_path):
     spec = importlib.util.spec_from_file_location("train_recipe", ROOT / "bench" / "train_recipe.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    common = ["--steps", "8", "--log-every", "4", "--eval-lengths", "320", "--eval-n", "1"]
+    common = ["--steps", "8", "--log-every", "4", "--eval-lengths", "320", "--eval-n", "1", "--loss-rows", "1"]
     rec = recipe.main(["--out", str(tmp_path / "one"), "--stages", "smoke,smoke,smoke", "--", *common])
     prev = []
     for d in ("a", "b", "c"):
