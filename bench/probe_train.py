@@ -3,11 +3,12 @@
 For each model shape and length: steps timed after a warm-up, with the batch built inline (the CPU then
 waits on the GPU and vice versa), built ahead by DataLoader workers, with the forward compiled too (SDPA picks the
 attention backend), with flash attention forced (`flash`), and with the last layer on the loss rows only as well
-(`rows`: `train_data.loss_rows`, the recipe's loop since session 9; `rows-flash` with flash).
-Sets --steps of a fixed-step run that must fit a time budget.
+(`rows`: `train_tiny --loss-rows 1`; `rows-flash` with flash). Sets --steps of a fixed-step run that must fit a
+time budget. Each row is a few dozen steps: a compile or a cuDNN shape preparation that falls inside one skews it
+(bench/README.md, probe_train_rows_h100.json); the recipe's own logs are the measure of a whole run.
 
     python bench/probe_train.py --lengths 1024 8192 16384 --layers 4 6 --out probe_train.json
-    python bench/probe_train.py --lengths 320 4096 16384 24640 --variants compile flash rows rows-flash --mixed 24640 \
+    python bench/probe_train.py --lengths 320 4096 16384 --mixed 24640 --variants compile rows rows-flash \
         --out probe_train_rows.json
 """
 

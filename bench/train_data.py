@@ -129,8 +129,8 @@ TAIL = max(GEN_LENGTH.values())  # every task row's answer region lies in its la
 
 def loss_rows(region: torch.Tensor) -> torch.Tensor | None:
     """The positions the loss reads when every row's region lies in its last TAIL positions (task rows): those
-    positions (B, TAIL) int64, one fixed size (a size that changed every step cost 10-100x slower steps on the
-    H100: bench/results/probe_train_rows_h100.json). None when a copy row's region reaches further: the full
+    positions (B, TAIL) int64, one fixed size (a size that changed every step made H100 steps 10-100x slower in
+    this loop's first tries, bench/README.md). None when a copy row's region reaches further: the full
     forward then."""
     b, n = region.shape
     if n <= TAIL or region[:, : n - TAIL].any():
