@@ -11,18 +11,20 @@ step (focusdllm.tasks), so there is no dataset file; in a fixed-step run (--step
 build them ahead of the GPU and the data are reproducible (the GPU arithmetic is not).
 
 The shipped weights (run 13: bench/results/train_log_run9_stage1.jsonl, train_log_run13_stage2.jsonl,
-train_log_run13.jsonl), three stages on one H100. Each stage's preset measured alone: 479 s (run 9), 312-315 s
-(runs 17-18, stage 1 just before on the same machine; run 13's own stage 2 took 357 s, 30 s of it a cold compile)
-and 139-141 s (runs 16-18), ~932 s (15.5 min) in all, over the 15-minute aim:
+train_log_run13.jsonl), three stages on one H100, made on the loop of the time (full forward, SDPA's own backend).
+Each stage measured alone on that loop: 479 s (run 9), 312-315 s (runs 17-18; run 13's own stage 2 took 357 s, 30 s
+of it a cold compile) and 139-141 s (runs 16-18), ~932 s (15.5 min) in all, over the 15-minute aim:
 
     python bench/train_tiny.py --preset h100 --out runs/stage1                                       # 479 s
     python bench/train_tiny.py --preset h100-refine --init-from runs/stage1 --out runs/stage2         # ~313 s
     python bench/train_tiny.py --preset h100-multikey --init-from runs/stage2 --out runs/focus-tiny   # ~140 s
     python bench/train_tiny.py --preset smoke --out /tmp/smoke                                       # CPU, seconds
 
-bench/train_recipe.py runs the three presets in one process: run 19 (--loss-rows 1 --sdpa flash) took 984 s from
-start to weights (stages 552 / 303 / 103 s: flash slowed stage 1's mid lengths, the loss rows sped stage 3 up 12 %, and
-stages 2-3 started in 2-4 s instead of 18-28 s) and passed the suite (bench/results/train_recipe_run19.json).
+bench/train_recipe.py runs the three presets in one process. Run 19, every stage with --loss-rows 1 --sdpa flash,
+took 984 s from start to weights and passed the suite (bench/results/train_recipe_run19.json). Its stages took 552,
+303 and 103 s: flash slowed stage 1's steps, the loss rows made stage 3's steps 12 % faster, and stages 2-3 started
+in 2-4 s instead of 18-28 s. Since then stages 2-3 (h100-refine, h100-multikey) carry --loss-rows 1 --sdpa flash in
+their presets and stage 1 keeps the old loop: ~910 s estimated from those stage times, not yet run end to end.
 
 Every shorter chain tried left multikey right only with the needle at depth 0 or 1 (40-50 % of the suite): stage 2 at
 5,000 steps (run 16a), no stage 2 and a 6,000-step stage 3 (run 16b), stage 1 ended at 70 % or 90 % of its schedule
@@ -90,8 +92,11 @@ PRESETS = {
                         eval_lengths=[2048, 4096, 8192, 16384], eval_n=16, device="cuda", log_every=100,
                         weight_decay=0.05, aux_start=0.05, aux_end=0.02, aux_decay=0.5, aux_exact=0.5,
                         gate_acc=0.0, hold=0.0, ramp=0.35, save_every=60.0, save_dtype="float32", final_generate=1,
-                        rope_theta=1e6, workers=8, compile=1, task_weights=[1.0, 4.0, 2.0], edge_depth=0.25, seed=6),
+                        rope_theta=1e6, workers=8, compile=1, task_weights=[1.0, 4.0, 2.0], edge_depth=0.25, seed=6,
+                        loss_rows=1, sdpa="flash"),
 }
+# stages 2-3 train with the loss on the answer tail and flash attention (the same loss; run 19: stage 2's steps as
+# fast, stage 3's 12 % faster); stage 1 keeps the old loop (flash made its 320-16.5K steps 13-22 % slower)
 # stage 3: continue stage 2 (--init-from) with a fresh LR over the whole 1K-24.6K range and few edge needles, which
 # teaches multikey at the inner depths that stage 2 leaves at chance
 PRESETS["h100-multikey"] = {**PRESETS["h100-refine"], "steps": 3000, "aux_start": 0.02, "ramp": 0.0,
@@ -208,9 +213,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader processes building batches ahead (needs --steps; 0: inline)")
     ap.add_argument("--compile", type=int, default=None, help="1: torch.compile the training forward")
-    ap.add_argument("--sdpa", choices=sorted(SDPA), default="default",
+    ap.add_argument("--sdpa", choices=sorted(SDPA), default=None,
                     help="training attention on CUDA: SDPA's own choice or flash only")
-    ap.add_argument("--loss-rows", type=int, default=0,
+    ap.add_argument("--loss-rows", type=int, default=None,
                     help="1: the last layer on the answer tail only in task-row batches (train_data.loss_rows)")
     ap.add_argument("--end-at", type=float, default=None,
                     help="train the first fraction of a fixed-step run's schedule (LR, lengths, data) and finish there")
@@ -219,7 +224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     defaults = dict(weight_decay=0.1, aux_start=0.5, aux_end=0.1, aux_decay=0.5, aux_exact=0.5, gate_acc=0.0,
                     gate_max=0.5, hold=0.2, ramp=0.6, save_every=0.0, rope_theta=500000.0, final_generate=0,
-                    save_dtype="bfloat16", workers=0, compile=0, edge_depth=0.0, seed=0, end_at=1.0)
+                    save_dtype="bfloat16", workers=0, compile=0, edge_depth=0.0, seed=0, end_at=1.0, loss_rows=0,
+                    sdpa="default")
     for k, v in {**defaults, **PRESETS[a.preset]}.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
