@@ -168,8 +168,8 @@ class DiffusionLM(nn.Module):
         """The last layer's output (B, L, C), before the final norm.
 
         out_rows (B, N): the last layer computes queries, MLP and output for these rows only (its keys and
-        values still come from every row) -> (B, N, C), equal to the full output's rows. Training's loss reads
-        only the masked answer rows (bench/train_tiny.py), so the other rows' last-layer work is skipped.
+        values still come from every row) -> (B, N, C), equal to the full output's rows. The training loss can read
+        only the answer rows (bench/train_tiny.py --loss-rows 1), which skips the other rows' last-layer work.
         """
         if positions is None:
             if attention_mask is None:
