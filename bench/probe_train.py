@@ -36,7 +36,7 @@ def run(a, variant: str, steps: int, warmup: int) -> tuple[float, float | None]:
     fwd = torch.compile(model, dynamic=True) if variant != "inline" and variant != "workers" else model
     sdpa = train_tiny.SDPA["flash" if variant.endswith("flash") else "default"]
     gen = torch.Generator(device=dev).manual_seed(0)
-    a.steps = warmup + steps
+    a.steps, a.loss_rows = warmup + steps, int(variant.startswith("rows"))  # the workers build rows for `rows*`
     loader = None
     if variant != "inline":
         loader = iter(torch.utils.data.DataLoader(StepBatches(a), batch_size=None, sampler=range(a.steps),
@@ -47,7 +47,7 @@ def run(a, variant: str, steps: int, warmup: int) -> tuple[float, float | None]:
             torch.cuda.synchronize()
             t0, tok = time.perf_counter(), 0
         _, ids, region, rows = next(loader) if loader else (*step_batch(a, i, 0.5), None)
-        rows = rows.to(dev, non_blocking=True) if variant.startswith("rows") and rows is not None else None
+        rows = None if rows is None else rows.to(dev, non_blocking=True)
         ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
         if rows is not None and rel is None:  # the rows loss against the full loss on the first batch, same masks
             state = gen.get_state()

@@ -149,6 +149,6 @@ class StepBatches(torch.utils.data.Dataset):
         return self.a.steps
 
     def __getitem__(self, step: int):
-        """(L, ids, region, rows): the step's batch and its loss rows (`loss_rows`)."""
+        """(L, ids, region, rows): the step's batch and, with --loss-rows 1, its loss rows (`loss_rows`; else None)."""
         L, ids, region = step_batch(self.a, step, step / self.a.steps)
-        return L, ids, region, loss_rows(region)
+        return L, ids, region, loss_rows(region) if self.a.loss_rows else None

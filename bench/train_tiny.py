@@ -312,8 +312,7 @@ def main(argv=None, keep: dict | None = None):
             L, ids, region, rows = next(batches)
         else:
             L, ids, region = step_batch(a, step, p, gate_p)
-            rows = loss_rows(region)
-        rows = rows if a.loss_rows else None
+            rows = loss_rows(region) if a.loss_rows else None
         ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
         rows = None if rows is None else rows.to(dev, non_blocking=True)
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))

@@ -178,7 +178,7 @@ def test_train_batches_built_ahead_equal_inline():
     from train_data import StepBatches, loss_rows, step_batch
 
     a = train.parse_args(["--preset", "smoke", "--out", "/tmp/unused", "--steps", "6", "--min-len", "320",
-                          "--max-len", "2048", "--hold", "0", "--ramp", "0.5"])
+                          "--max-len", "2048", "--hold", "0", "--ramp", "0.5", "--loss-rows", "1"])
     loader = torch.utils.data.DataLoader(StepBatches(a), batch_size=None, sampler=range(2, 6), num_workers=2)
     got = list(loader)
     assert len({g[0] for g in got}) > 1  # the curriculum moves: several lengths
