@@ -59,9 +59,7 @@ def main(argv=None) -> dict:
                                                              if a.suite_per_depth else [])
         t = time.time()
         train_tiny.main(flags, keep=keep)
-        log = [json.loads(x) for x in (folder / "train_log.jsonl").read_text().splitlines()]
-        trained = [r for r in log if r.get("event") == "trained"][-1]
-        stages.append({"preset": preset, "out": str(folder), "flags": flags, "train_secs": trained["train_secs"],
+        stages.append({"preset": preset, "out": str(folder), "flags": flags, "train_secs": keep["train_secs"],
                        "to_weights_secs": round(keep["saved_at"] - t, 1)})
         prev = folder
     rec = {"stages": stages, "recipe_secs": round(keep["saved_at"] - T0, 1),  # start -> shipped weights written

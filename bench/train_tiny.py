@@ -357,7 +357,7 @@ def main(argv=None, keep: dict | None = None):
                 "gen": gen.get_state()}, a.ckpt or out / "ckpt.pt")
     snapshot(model, cfg, out, getattr(torch, a.save_dtype))
     if keep is not None:
-        keep["saved_at"] = time.time()  # the weights are written: the recipe's clock stops here
+        keep.update(saved_at=time.time(), train_secs=trained_s)  # the weights are written: the recipe's clock stops
     if a.steps and step < last:  # paused by --stop-after: no final eval yet
         log.close()
         return []
