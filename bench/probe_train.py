@@ -3,9 +3,12 @@
 For each model shape and length: steps timed after a warm-up, with the batch built inline (the CPU then
 waits on the GPU and vice versa), built ahead by DataLoader workers, with the forward compiled too (SDPA picks the
 attention backend), with flash attention forced (`flash`), and with the last layer on the loss rows only as well
-(`rows`: `train_tiny --loss-rows 1`; `rows-flash` with flash). Sets --steps of a fixed-step run that must fit a
-time budget. Each row is a few dozen steps: a compile or a cuDNN shape preparation that falls inside one skews it
-(bench/README.md, probe_train_rows_h100.json); the recipe's own logs are the measure of a whole run.
+(`rows`: `train_tiny --loss-rows 1`; `rows-flash` with flash), and with one compiled graph per block (`regional`,
+`rows-regional`: `train_tiny --compile 2`). warmup_s: the warm-up steps' time, the first length's with the compile
+(run each variant in a fresh process and fresh inductor/Triton caches to time a cold one). Sets --steps of a fixed-
+step run that must fit a time budget. Each row is a few dozen steps: a compile or a cuDNN shape preparation that
+falls inside one skews it (bench/README.md, probe_train_rows_h100.json); the recipe's own logs are the measure of a
+whole run.
 
     python bench/probe_train.py --lengths 1024 8192 16384 --layers 4 6 --out probe_train.json
     python bench/probe_train.py --lengths 320 4096 16384 --mixed 24640 --variants compile rows rows-flash \
@@ -33,7 +36,8 @@ def run(a, variant: str, steps: int, warmup: int) -> tuple[float, float | None]:
     dev = torch.device(a.device)
     model = train_tiny.init_random(train_tiny.DiffusionLM(train_tiny.build_config(a)).to(dev), seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    fwd = torch.compile(model, dynamic=True) if variant != "inline" and variant != "workers" else model
+    mode = 0 if variant in ("inline", "workers") else 2 if variant.endswith("regional") else 1
+    fwd = train_tiny.compiled_forward(model, mode)
     sdpa = train_tiny.SDPA["flash" if variant.endswith("flash") else "default"]
     gen = torch.Generator(device=dev).manual_seed(0)
     a.steps, a.loss_rows = warmup + steps, int(variant.startswith("rows"))  # the workers build rows for `rows*`
@@ -41,11 +45,12 @@ def run(a, variant: str, steps: int, warmup: int) -> tuple[float, float | None]:
     if variant != "inline":
         loader = iter(torch.utils.data.DataLoader(StepBatches(a), batch_size=None, sampler=range(a.steps),
                                                   num_workers=a.workers, pin_memory=True, prefetch_factor=4))
-    tok, rel = 0, None
+    tok, rel, first = 0, None, time.perf_counter()
     for i in range(a.steps):
         if i == warmup:
             torch.cuda.synchronize()
             t0, tok = time.perf_counter(), 0
+            first = t0 - first  # the warm-up steps: a compile or cuDNN shape preparation lands here
         _, ids, region, rows = next(loader) if loader else (*step_batch(a, i, 0.5), None)
         rows = None if rows is None else rows.to(dev, non_blocking=True)
         ids, region = ids.to(dev, non_blocking=True), region.to(dev, non_blocking=True)
@@ -66,7 +71,7 @@ def run(a, variant: str, steps: int, warmup: int) -> tuple[float, float | None]:
             train_tiny.optimizer_step(model, opt)
         tok += ids.numel()
     torch.cuda.synchronize()
-    return tok / (time.perf_counter() - t0), rel
+    return tok / (time.perf_counter() - t0), rel, first
 
 
 def main():
@@ -90,8 +95,9 @@ def main():
                                            "--min-len", str(lo), "--max-len", str(hi), "--steps", "1", "--hold", "0",
                                            "--ramp", "1e-6"])
                 a.workers = p.workers
-                tps, rel = run(a, variant, p.steps, p.warmup)
+                tps, rel, first = run(a, variant, p.steps, p.warmup)
                 rows.append({"layers": layers, "variant": variant, "length": L, "tokens_per_s": tps,
+                             "warmup_s": round(first, 2),
                              **({"loss_rel_diff": rel} if rel is not None else {})})
                 print(json.dumps(rows[-1]), flush=True)
                 Path(p.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -216,6 +216,41 @@ def test_train_loss_on_region_rows_equals_the_full_loss():
     assert all((x - y).abs().max() <= 1e-5 * x.abs().max() for x, y in zip(g0, g1))
 
 
+def test_train_compile_per_block_equals_eager():
+    """--compile 2 (one compiled Block.forward for every block): the loss and gradients equal the eager model's at
+    two lengths, with and without the loss rows, from one graph per call form (no recompile per block or length)."""
+    import copy
+    import random
+
+    from torch._dynamo.utils import counters
+
+    train = _load_train()
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_data import loss_rows, make_batch
+
+    a = train.parse_args(["--preset", "smoke", "--out", "/tmp/unused"])
+    eager = train.init_random(train.DiffusionLM(train.build_config(a)), seed=0)
+    torch._dynamo.reset()
+    counters.clear()
+    regional = train.compiled_forward(copy.deepcopy(eager), 2)
+    for L, n in ((320, 6), (384, 5)):
+        ids, region = make_batch(random.Random(L), L, n, task_weights=[1, 1, 1])
+        for rows in (None, loss_rows(region)):
+            out = []
+            for model in (eager, regional):
+                model.zero_grad()
+                gen = torch.Generator().manual_seed(1)
+                loss, _ = train.diffusion_loss(model, ids, region, gen, t_weight=False, rows=rows)
+                loss.backward()
+                out.append((loss, [p.grad.clone() for p in model.parameters()]))
+            (l0, g0), (l1, g1) = out
+            assert abs(l0 - l1) <= 1e-5 * abs(l0), (L, rows is None)
+            assert all((x - y).abs().max() <= 1e-4 * x.abs().max() for x, y in zip(g0, g1)), (L, rows is None)
+    assert counters["stats"]["unique_graphs"] == 2  # full rows and loss rows; 4 blocks x 2 lengths reuse them
+    with pytest.raises(SystemExit, match="--compile 3"):
+        train.compiled_forward(eager, 3)
+
+
 @pytest.mark.skipif(not (WEIGHTS / "model.safetensors").is_file(), reason="focus-tiny weights not shipped yet")
 def test_focus_tiny_solves_short_passkey():
     from focusdllm import load_model

@@ -103,6 +103,14 @@ class Block(nn.Module):
         fused.scatter_kv(ck, cv, slots, k, v)
         return q
 
+    def forward(self, x, rope: Rotary, cos, sin, valid=None, q_rows=None) -> torch.Tensor:
+        """The dense layer: x (B, T, C) -> (B, T, C), bidirectional attention over every row (`valid` (B, T): keys
+        to attend). q_rows (B, N): queries, residual and MLP for these rows only -> (B, N, C)."""
+        q, k, v = self.qkv(x, rope, cos, sin, q_rows)
+        if q_rows is not None:
+            x = x.gather(1, q_rows[..., None].expand(-1, -1, x.shape[-1]))  # residual of the rows (B, N, C)
+        return self.finish(x, dense_attention(q, k, v, valid))
+
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """attn (B, Hq, T, D) -> residual + output projection, then the SwiGLU MLP."""
         if self.fused:
@@ -182,11 +190,7 @@ class DiffusionLM(nn.Module):
         x = self.embed(input_ids)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
-            rows = out_rows if i == last else None
-            q, k, v = blk.qkv(x, self.rope, cos, sin, rows)
-            if rows is not None:
-                x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))  # residual of the rows (B, N, C)
-            x = blk.finish(x, dense_attention(q, k, v, valid))
+            x = blk(x, self.rope, cos, sin, valid, out_rows if i == last else None)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
