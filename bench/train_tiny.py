@@ -87,18 +87,17 @@ PRESETS = {
                  eval_lengths=[2048, 4096, 8192, 16384], eval_n=16, device="cuda", log_every=100,
                  weight_decay=0.05, aux_start=0.7, aux_end=0.05, aux_decay=0.6, aux_exact=0.5, gate_acc=0.0,
                  hold=0.2, ramp=0.65, save_every=60.0, save_dtype="float32", final_generate=1, rope_theta=1e6,
-                 workers=8, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.2, seed=0),
+                 workers=12, compile=1, task_weights=[1.0, 2.0, 2.0], edge_depth=0.2, seed=0),
     # stage 2 of the shipped model: continue stage 1 (--init-from) at 1K-24.6K with a lower LR, few copy rows
     "h100-refine": dict(d_model=256, n_layers=4, n_heads=4, mlp_hidden=768, min_len=1024, max_len=24640,
                         batch_tokens=65536, steps=10000, minutes=15.0, lr=5e-4, warmup=50, eval_every=0,
                         eval_lengths=[2048, 4096, 8192, 16384], eval_n=16, device="cuda", log_every=100,
                         weight_decay=0.05, aux_start=0.05, aux_end=0.02, aux_decay=0.5, aux_exact=0.5,
                         gate_acc=0.0, hold=0.0, ramp=0.35, save_every=60.0, save_dtype="float32", final_generate=1,
-                        rope_theta=1e6, workers=8, compile=1, task_weights=[1.0, 4.0, 2.0], edge_depth=0.25, seed=6,
-                        loss_rows=1, sdpa="flash"),
+                        rope_theta=1e6, workers=12, compile=1, task_weights=[1.0, 4.0, 2.0], edge_depth=0.25, seed=6),
 }
-# stages 2-3 train with the loss on the answer tail and flash attention (the same loss; run 19: stage 2's steps as
-# fast, stage 3's 12 % faster); stage 1 keeps the old loop (flash made its 320-16.5K steps 13-22 % slower)
+# every stage: full forward, SDPA's own backend (cuDNN on the H100), 12 workers (8 left the GPU waiting on data at
+# short lengths: run 20's stage 1 took 408 s against 479 s); --loss-rows 1 / --sdpa flash were slower end to end
 # stage 3: continue stage 2 (--init-from) with a fresh LR over the whole 1K-24.6K range and few edge needles, which
 # teaches multikey at the inner depths that stage 2 leaves at chance
 PRESETS["h100-multikey"] = {**PRESETS["h100-refine"], "steps": 3000, "aux_start": 0.02, "ramp": 0.0,
