@@ -11,20 +11,17 @@ step (focusdllm.tasks), so there is no dataset file; in a fixed-step run (--step
 build them ahead of the GPU and the data are reproducible (the GPU arithmetic is not).
 
 The shipped weights (run 13: bench/results/train_log_run9_stage1.jsonl, train_log_run13_stage2.jsonl,
-train_log_run13.jsonl), three stages on one H100, made on the loop of the time (full forward, SDPA's own backend).
-Each stage measured alone on that loop: 479 s (run 9), 312-315 s (runs 17-18; run 13's own stage 2 took 357 s, 30 s
-of it a cold compile) and 139-141 s (runs 16-18), ~932 s (15.5 min) in all, over the 15-minute aim:
+train_log_run13.jsonl) came from these three presets on one H100:
 
-    python bench/train_tiny.py --preset h100 --out runs/stage1                                       # 479 s
-    python bench/train_tiny.py --preset h100-refine --init-from runs/stage1 --out runs/stage2         # ~313 s
-    python bench/train_tiny.py --preset h100-multikey --init-from runs/stage2 --out runs/focus-tiny   # ~140 s
+    python bench/train_tiny.py --preset h100 --out runs/stage1                                       # 408-460 s
+    python bench/train_tiny.py --preset h100-refine --init-from runs/stage1 --out runs/stage2         # 263-271 s
+    python bench/train_tiny.py --preset h100-multikey --init-from runs/stage2 --out runs/focus-tiny   # 91 s
     python bench/train_tiny.py --preset smoke --out /tmp/smoke                                       # CPU, seconds
 
-bench/train_recipe.py runs the three presets in one process. Run 19, every stage with --loss-rows 1 --sdpa flash,
-took 984 s from start to weights and passed the suite (bench/results/train_recipe_run19.json). Its stages took 552,
-303 and 103 s: flash slowed stage 1's steps, the loss rows made stage 3's steps 12 % faster, and stages 2-3 started
-in 2-4 s instead of 18-28 s. Since then stages 2-3 (h100-refine, h100-multikey) carry --loss-rows 1 --sdpa flash in
-their presets and stage 1 keeps the old loop: ~910 s estimated from those stage times, not yet run end to end.
+(the times: runs 20 and 21 in one process, bench/train_recipe.py, 780 s and 845 s start to weights, with 12
+DataLoader workers; with 8 the short steps waited on data and the stages took 479, ~313 and ~140 s alone). The chain
+passes the suite only in some runs: 13 and 19 did; 20 and 21 learned multikey only with the needle at depth 0 or 1
+(suite 77-80 %). Runs part in stage 1: its final loss was 0.56-1.15 in the chains that pass, 1.26-1.36 in the others.
 
 Every shorter chain tried left multikey right only with the needle at depth 0 or 1 (40-50 % of the suite): stage 2 at
 5,000 steps (run 16a), no stage 2 and a 6,000-step stage 3 (run 16b), stage 1 ended at 70 % or 90 % of its schedule
@@ -33,15 +30,15 @@ by --end-at (runs 17 and 18: 766 s and 866 s end to end, measured alone). A seco
 
 Stage 1 starts from random weights at 320 tokens with 70 % copy rows (the plateau breaks near step 2000; a 512-token
 start with 60 % copy rows had not left it by step 10000: train_log_run5_plateau.jsonl) and ramps to 16.5K. It learns
-passkey and span copy in every run; multikey (4 needles whose digits it must tell apart) only in run 7, not in run 9
-(same preset) nor run 14 (weights 1:3:2). Stage 2 continues at 1K-24.6K with LR 5e-4, 2-5 % copy rows and batches
-weighted 1:4:2 toward multikey; it keeps span copy at 100 % to 16K but lifts multikey only at the needle depths 0
-and 1 (40-60 %). Stage 3 restarts the LR at 5e-4 for 3000 steps with only 5 % of the needles at those edges:
-multikey reaches 100 % (with no edge needles at all span copy forgot depth 0, run 15). Stages 1-2 put a fifth to a
-quarter of the needles at depth exactly 0 or 1 (the suite's edges). The recipe is not bit-reproducible on the GPU:
-check a re-trained model with --suite-lengths. bench/probe_train.py: compiled forward + workers run 2.4x (8K) to
-4.5x (1K) the tokens/s of the loop before (bench/results/probe_train_h100.json). Earlier weights (runs 1-12) and
-their recipes: bench/README.md and the "args" of each log's start event.
+passkey and span copy in every run; multikey (4 needles whose digits it must tell apart) only in runs 7 and 19, not
+in runs 9, 20, 21 (same preset) nor 14 (weights 1:3:2). Stage 2 continues at 1K-24.6K with LR 5e-4, 2-5 % copy rows
+and batches weighted 1:4:2 toward multikey; it keeps span copy at 100 % to 16K but lifts multikey only at the needle
+depths 0 and 1 (40-60 %). Stage 3 restarts the LR at 5e-4 for 3000 steps with only 5 % of the needles at those
+edges: multikey reached 100 % in run 13, not in runs 20-21 (with no edge needles at all span copy forgot depth 0,
+run 15). Stages 1-2 put a fifth to a quarter of the needles at depth exactly 0 or 1 (the suite's edges). The recipe
+is not bit-reproducible on the GPU: check a re-trained model with --suite-lengths. bench/probe_train.py: compiled
+forward + workers run 2.4x (8K) to 4.5x (1K) the tokens/s of the loop before (bench/results/probe_train_h100.json).
+Earlier weights (runs 1-12) and their recipes: bench/README.md and the "args" of each log's start event.
 
 With --steps 0 the schedule follows the wall clock (--minutes) instead, and the log records the steps reached.
 """

@@ -278,6 +278,19 @@ def test_multikey_never_runs_out_of_digit_bigrams():
 
 
 @pytest.mark.parametrize("task", ["multikey", "spancopy"])
+def test_needles_lists_every_needle_with_its_value(task):
+    """`needles` reads the case's needles back from the prompt: as many as generated, distinct keys, the asked one
+    at needle_pos with the answer as its value."""
+    from focusdllm.tasks import needles
+
+    for c in make_cases(task, 6, 700, seed=4):
+        found = needles(c)
+        assert len(found) == (4 if task == "multikey" else 3) and len({k for _, k, _ in found}) == len(found)
+        asked = [(at, value) for at, k, value in found if k == c["input"][-1]]
+        assert asked == [(c["needle_pos"], c["outputs"])]
+
+
+@pytest.mark.parametrize("task", ["multikey", "spancopy"])
 def test_ask_other_key_names_another_needle(task):
     """The counterfactual query changes only the query's key; its answer is exactly the tokens after that key's
     needle marker (read back from the prompt), and differs from the original answer; passkey is refused."""

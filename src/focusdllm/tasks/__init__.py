@@ -6,6 +6,7 @@ from .generators import (
     ask_other_key,
     generate_case,
     make_cases,
+    needles,
     read_jsonl,
     render,
     target_ids,
@@ -16,5 +17,5 @@ from .vocab import VOCAB, Vocab
 
 __all__ = [
     "GEN_LENGTH", "TASKS", "VOCAB", "Vocab", "ask_other_key", "dense_decode", "evaluate", "exact_match",
-    "generate_case", "make_cases", "read_jsonl", "render", "target_ids", "write_jsonl",
+    "generate_case", "make_cases", "needles", "read_jsonl", "render", "target_ids", "write_jsonl",
 ]

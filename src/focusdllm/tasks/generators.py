@@ -164,19 +164,29 @@ def ask_other_key(case: dict, vocab: Vocab = VOCAB) -> dict:
     """
     if case["task"] not in ("multikey", "spancopy"):
         raise ValueError(f"{case['task']} has one needle: ask_other_key needs multikey or spancopy cases")
-    v, inp = vocab, list(case["input"])
+    inp = list(case["input"])
+    other = next((nd for nd in needles(case, vocab) if nd[1] != inp[-1]), None)
+    if other is None:
+        raise ValueError("the case has one needle: make it with n_needles >= 2 to ask for another key")
+    at, key, value = other
+    inp[-1] = key
+    return {**case, "input": inp, "outputs": value, "depth": at / len(inp), "needle_pos": at,
+            "answer_pos": at + 2, "asked": "other"}
+
+
+def needles(case: dict, vocab: Vocab = VOCAB) -> list[tuple[int, int, list[int]]]:
+    """The needles of a multikey or span-copy case in prompt order: (position of the marker, key, value tokens)."""
+    v, inp = vocab, case["input"]
     marker, lo, hi = (v.KEY, v.digit0, v.digit0 + 10) if case["task"] == "multikey" else \
         (v.COPY, v.span0, v.span0 + v.n_span)
-    body = len(inp) - 3  # the query's 3 tokens are not needles
-    at = next((i for i in range(1, body) if inp[i] == marker and inp[i + 1] != inp[-1]), None)
-    if at is None:
-        raise ValueError("the case has one needle: make it with n_needles >= 2 to ask for another key")
-    end = at + 2
-    while end < body and lo <= inp[end] < hi:
-        end += 1
-    inp[-1] = inp[at + 1]
-    return {**case, "input": inp, "outputs": inp[at + 2:end], "depth": at / len(inp), "needle_pos": at,
-            "answer_pos": at + 2, "asked": "other"}
+    body, out = len(inp) - 3, []  # the query's 3 tokens are not needles
+    for at in range(1, body):
+        if inp[at] == marker:
+            end = at + 2
+            while end < body and lo <= inp[end] < hi:
+                end += 1
+            out.append((at, inp[at + 1], inp[at + 2:end]))
+    return out
 
 
 def target_ids(case: dict, eos_id: int = VOCAB.eos_id) -> list[int]:
