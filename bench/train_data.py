@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from focusdllm.tasks import GEN_LENGTH, TASKS, VOCAB, generate_case, target_ids  # noqa: E402
+from focusdllm.tasks import GEN_LENGTH, TASKS, VOCAB, ask_other_key, generate_case, target_ids  # noqa: E402
 
 
 def log_top_length(p: float, a, start: float | None = None) -> float:
@@ -84,11 +84,12 @@ def copy_rows(rng: random.Random, length: int, rows: int, alphabet: int = VOCAB.
 
 
 def make_batch(rng: random.Random, length: int, rows: int, aux_frac: float = 0.0, tasks=TASKS, aux_kw=None,
-               task_weights=None, edge_depth: float = 0.0):
+               task_weights=None, edge_depth: float = 0.0, span_other: float = 0.0):
     """rows rows of `length` tokens: about aux_frac * rows copy rows, the rest random task cases
     (drawn with `task_weights`, default uniform; prompt + answer region; a share `edge_depth` of them with
     the target needle at depth exactly 0 or 1, the rest at uniform depth) -> ids (B, L), region (B, L) bool
-    (the positions that get masked)."""
+    (the positions that get masked). span_other: the share of span-copy rows that ask another needle's (shorter)
+    span (`ask_other_key`), which the longest-span shortcut does not answer; 0 draws nothing extra."""
     n_aux = min(rows, int(aux_frac * rows + rng.random()))
     ids, region = [], []
     for _ in range(rows - n_aux):
@@ -99,6 +100,8 @@ def make_batch(rng: random.Random, length: int, rows: int, aux_frac: float = 0.0
         gl = GEN_LENGTH[task]
         depth = float(rng.random() < 0.5) if edge_depth and rng.random() < edge_depth else None
         c = generate_case(task, rng, length - gl, depth=depth)
+        if span_other and task == "spancopy" and rng.random() < span_other:
+            c = ask_other_key(c)
         ids.append(c["input"] + target_ids(c))
         region.append([False] * (length - gl) + [True] * gl)
     ids = torch.tensor(ids, dtype=torch.long).view(-1, length)
@@ -120,7 +123,8 @@ def step_batch(a, step: int, p: float, gate_p: float | None = None):
     rows = max(1, a.batch_tokens // length)
     aux_kw = dict(alphabet=a.aux_alphabet, mmin=a.aux_chunk[0], mmax=a.aux_chunk[1],
                   src_frac=(a.aux_src[0], a.aux_src[1]), exact=a.aux_exact)
-    ids, region = make_batch(rng, length, rows, aux_fraction(p, a), a.tasks, aux_kw, a.task_weights, a.edge_depth)
+    ids, region = make_batch(rng, length, rows, aux_fraction(p, a), a.tasks, aux_kw, a.task_weights, a.edge_depth,
+                             a.span_other)
     return length, ids, region
 
 

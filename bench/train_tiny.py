@@ -217,6 +217,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tasks", type=lambda s: tuple(s.split(",")), default=TASKS)
     ap.add_argument("--task-weights", type=lambda s: [float(x) for x in s.split(",")], default=None,
                     help="sampling weights of --tasks in training batches (default: uniform)")
+    ap.add_argument("--span-other", type=float, default=0.0,
+                    help="share of span-copy rows asking another needle's span than the longest (not yet run on GPU)")
     ap.add_argument("--edge-depth", type=float, default=None,
                     help="share of task rows whose target needle sits at depth exactly 0 or 1")
     ap.add_argument("--suite-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[],

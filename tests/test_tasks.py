@@ -216,6 +216,29 @@ def test_train_loss_on_region_rows_equals_the_full_loss():
     assert all((x - y).abs().max() <= 1e-5 * x.abs().max() for x, y in zip(g0, g1))
 
 
+@pytest.mark.parametrize("span_other", [0.0, 1.0])
+def test_train_span_other_asks_a_shorter_span(span_other):
+    """--span-other 1: every span-copy row asks a needle other than the longest and its region holds that needle's
+    span, then EOS; --span-other 0: the longest, as the suite asks."""
+    import random
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_data import make_batch
+
+    from focusdllm.tasks import needles
+
+    L, gl = 640, 128
+    ids, region = make_batch(random.Random(3), L, 6, tasks=("spancopy",), span_other=span_other)
+    for row, reg in zip(ids.tolist(), region.tolist()):
+        prompt, answer = row[: L - gl], row[L - gl:]
+        assert reg == [False] * (L - gl) + [True] * gl
+        found = needles({"task": "spancopy", "input": prompt})
+        asked = [value for _, key, value in found if key == prompt[-1]]
+        longest = max((value for _, _, value in found), key=len)
+        assert len(asked) == 1 and (asked[0] == longest) == (span_other == 0.0)
+        assert answer == asked[0] + [VOCAB.eos_id] * (gl - len(asked[0]))
+
+
 def test_train_compile_per_block_equals_eager():
     """--compile 2 (one compiled Block.forward for every block): the loss and gradients equal the eager model's at
     two lengths, with and without the loss rows, from one graph per call form (no recompile per block or length)."""
