@@ -21,7 +21,7 @@ train_log_run13.jsonl) came from these three presets on one H100:
 (the times: runs 20 and 21 in one process, bench/train_recipe.py, 780 s and 845 s start to weights, with 12
 DataLoader workers; with 8 the short steps waited on data and the stages took 479, ~313 and ~140 s alone). The chain
 passes the suite only in some runs: 13 and 19 did; 20 and 21 learned multikey only with the needle at depth 0 or 1
-(suite 77-80 %). Runs part in stage 1: its final loss was 0.56-1.15 in the chains that pass, 1.26-1.36 in the others.
+(suite 75-80 %). Runs part in stage 1: its final loss was 0.56-1.15 in the chains that pass, 1.26-1.36 in the others.
 
 Every shorter chain tried left multikey right only with the needle at depth 0 or 1 (40-50 % of the suite): stage 2 at
 5,000 steps (run 16a), no stage 2 and a 6,000-step stage 3 (run 16b), stage 1 ended at 70 % or 90 % of its schedule
