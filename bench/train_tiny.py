@@ -99,6 +99,7 @@ PRESETS = {
 # teaches multikey at the inner depths that stage 2 leaves at chance
 PRESETS["h100-multikey"] = {**PRESETS["h100-refine"], "steps": 3000, "aux_start": 0.02, "ramp": 0.0,
                             "edge_depth": 0.05, "seed": 7}
+TAIL_STEPS = 2000  # the "trained" event's tail_loss: the mean logged loss over a run's last 2,000 steps
 CONTINUING = ("h100-refine", "h100-multikey")  # presets that continue a model and need --init-from
 
 
@@ -317,7 +318,7 @@ def main(argv=None, keep: dict | None = None):
     budget = a.minutes * 60.0
     t_start = time.time() - trained_s
     tok_since, t_log = 0, time.time()
-    losses = []
+    losses, logged = [], []  # logged: (step, mean loss since the last log line)
     gate_p, t_save = None, time.time()
     last = round(a.steps * a.end_at)  # the step the run ends at (fixed-step runs)
     batches = None
@@ -353,6 +354,7 @@ def main(argv=None, keep: dict | None = None):
         losses.append(loss.detach())
         if step % a.log_every == 0:
             ls = torch.stack(losses).float().cpu()
+            logged.append((step, ls.mean().item()))
             now = time.time()
             emit({"step": step, "p": p, "len": L, "rows": ids.shape[0], "loss": ls.mean().item(), "ce": ce.item(),
                   "gnorm": gnorm.item(), "lr": lr, "tok_s": tok_since / (now - t_log),
@@ -377,12 +379,15 @@ def main(argv=None, keep: dict | None = None):
             emit({"event": "paused", "step": step})
             break
     trained_s = time.time() - t_start
-    emit({"event": "trained", "steps": step, "train_secs": trained_s})
+    tail = [x for st, x in logged if st > step - TAIL_STEPS]
+    tail_loss = sum(tail) / len(tail) if tail else None  # stage 1 of the chains that failed the suite: > 1.25
+    emit({"event": "trained", "steps": step, "train_secs": trained_s, "tail_loss": tail_loss})
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "trained_s": trained_s,
                 "gen": gen.get_state()}, a.ckpt or out / "ckpt.pt")
     snapshot(model, cfg, out, getattr(torch, a.save_dtype))
     if keep is not None:
-        keep.update(saved_at=time.time(), train_secs=trained_s)  # the weights are written: the recipe's clock stops
+        # the weights are written: the recipe's clock stops
+        keep.update(saved_at=time.time(), train_secs=trained_s, tail_loss=tail_loss)
     if a.steps and step < last:  # paused by --stop-after: no final eval yet
         log.close()
         return []

@@ -140,7 +140,8 @@ def test_train_recipe_in_one_process_equals_the_stages_run_apart(tmp_path):
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     common = ["--steps", "8", "--log-every", "4", "--eval-lengths", "320", "--eval-n", "1", "--loss-rows", "1"]
-    rec = recipe.main(["--out", str(tmp_path / "one"), "--stages", "smoke,smoke,smoke", "--", *common])
+    rec = recipe.main(["--out", str(tmp_path / "one"), "--stages", "smoke,smoke,smoke", "--suite-lengths", "384",
+                       "--", *common])
     prev = []
     for d in ("a", "b", "c"):
         train.main(["--preset", "smoke", "--out", str(tmp_path / d), *common, *prev])
@@ -149,7 +150,17 @@ def test_train_recipe_in_one_process_equals_the_stages_run_apart(tmp_path):
         w1, w2 = (load_file(tmp_path / f / "model.safetensors") for f in (one, apart))
         assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1), one
     assert [s["preset"] for s in rec["stages"]] == ["smoke"] * 3 and rec["recipe_secs"] > 0
-    assert json.loads((tmp_path / "one" / "recipe.json").read_text()) == rec
+    assert all(s["tail_loss"] > 0 for s in rec["stages"])  # the mean of each stage's logged losses (2 lines)
+    suite = json.loads((tmp_path / "one" / "eval.json").read_text())["suite"]
+    assert {r["length"] for r in suite} == {384} and list(rec["suite_acc"]) == [384]
+    assert rec["suite_pass"] == (rec["suite_acc"][384] >= 0.95)
+    assert json.loads((tmp_path / "one" / "recipe.json").read_text()) == json.loads(json.dumps(rec))
+    # the verdict: exact match pooled over tasks and case sets per length; every length must reach 95 %
+    one = {"length": 2048, "n": 10}
+    assert recipe.suite_verdict([{**one, "acc": 1.0}, {**one, "acc": 0.9}]) == {"suite_acc": {2048: 0.95},
+                                                                               "suite_pass": True}
+    assert not recipe.suite_verdict([{**one, "acc": 1.0}, {**one, "acc": 1.0, "length": 4096, "n": 20},
+                                     {**one, "acc": 0.8, "length": 4096}])["suite_pass"]
 
 
 def test_train_step_skips_non_finite_gradients():
