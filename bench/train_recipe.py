@@ -1,14 +1,14 @@
 """The focus-tiny recipe end to end in one process: the presets h100 -> h100-refine -> h100-multikey of
 bench/train_tiny.py, each stage starting from the one before (--init-from its folder).
 
-One process keeps the model and its compiled forward from stage to stage, so stages 2 and 3 start without a
-process start or a recompile. The wall clock (recipe_secs) runs from this script's start, before torch is imported,
-to the last stage's shipped weights; the last stage's final and suite evals (--suite-lengths) come after it. Each
-stage writes its folder (OUT/stage1, OUT/stage2, then OUT itself) with its own train_log.jsonl; OUT/recipe.json
-holds the times, each stage's tail_loss (its mean loss over the last 2,000 steps: stage 1 above ~1.25 went with the
-chains that failed) and, with --suite-lengths, the suite's accuracy per length and its verdict (>= 95 % at every
-length), printed as PASS or FAIL. On one H100: 780 s (run 20) and 845 s (run 21) start to weights; their weights did not pass the
-suite (bench/README.md, "Outcome: not reliable").
+One process keeps the model and its compiled forward from stage to stage, so stages 2 and 3 start without a process
+start or a recompile. The wall clock (recipe_secs) runs from this script's start, before torch is imported, to the
+last stage's shipped weights; the last stage's final and suite evals (--suite-lengths) come after it. Each stage
+writes its folder (OUT/stage1, OUT/stage2, then OUT itself) with its own train_log.jsonl; OUT/recipe.json holds the
+times, each stage's tail_loss (its mean loss over the last 2,000 steps: stage 1 above ~1.25 went with the chains
+that failed) and, with --suite-lengths, the suite's accuracy per length and its verdict (>= 95 % at every length),
+printed as PASS or FAIL. On one H100: 780 s (run 20) and 845 s (run 21) start to weights; their weights did not pass
+the suite (bench/README.md, "Outcome: not reliable").
 
     PYTHONPATH=src python bench/train_recipe.py --out runs/focus-tiny --suite-lengths 2048,4096,8192,16384
     PYTHONPATH=src python bench/train_recipe.py --out /tmp/r --stages smoke,smoke -- --steps 6   # CPU, seconds
