@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     rec = {"stages": stages, "recipe_secs": round(keep["saved_at"] - T0, 1),  # start -> shipped weights written
            "evals_secs": round(time.time() - keep["saved_at"], 1)}  # the last stage's final and suite evals
     if a.suite_lengths:
-        rec.update(suite_verdict(json.loads((out / "eval.json").read_text())["suite"]))
+        rec.update(suite_verdict(keep["suite"]))
     (out / "recipe.json").write_text(json.dumps(rec, indent=1))
     print(json.dumps(rec), flush=True)
     if "suite_pass" in rec:

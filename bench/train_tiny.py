@@ -353,10 +353,9 @@ def main(argv=None, keep: dict | None = None):
         tok_since += ids.numel()
         losses.append(loss.detach())
         if step % a.log_every == 0:
-            ls = torch.stack(losses).float().cpu()
-            logged.append((step, ls.mean().item()))
+            logged.append((step, torch.stack(losses).float().mean().item()))
             now = time.time()
-            emit({"step": step, "p": p, "len": L, "rows": ids.shape[0], "loss": ls.mean().item(), "ce": ce.item(),
+            emit({"step": step, "p": p, "len": L, "rows": ids.shape[0], "loss": logged[-1][1], "ce": ce.item(),
                   "gnorm": gnorm.item(), "lr": lr, "tok_s": tok_since / (now - t_log),
                   "elapsed": now - t_start})
             losses, tok_since, t_log = [], 0, time.time()
@@ -406,6 +405,8 @@ def main(argv=None, keep: dict | None = None):
             for r in suite_eval(bf16, a.suite_lengths, a.tasks, per_depth=pd, seed=1234 if i == 0 else 4321 + 1000 * i):
                 emit({"event": "suite_eval", "step": step, **r})
                 suite.append(r)
+    if keep is not None:
+        keep["suite"] = suite  # the recipe's verdict reads it here
     (out / "eval.json").write_text(json.dumps({"steps": step, "train_secs": trained_s, "results": results,
                                                "suite": suite, "eval_secs": time.time() - te}, indent=1))
     log.close()
