@@ -3,7 +3,7 @@
 #
 #   FOCUSDLLM_COMMIT=$(git rev-parse --short HEAD) OUT=/path/to/out bash bench/gpu_jobs.sh <job>
 #
-# Jobs: tests | e2e-4k-16k | e2e-32k | e2e-64k | e2e-dream-32k | ops | fidelity | ablation | tail
+# Jobs: tests | e2e-4k-16k | e2e-32k | e2e-64k | e2e-dream-32k | ops | fidelity | ablation | tail | stage1-variants
 # Pass FOCUSDLLM_COMMIT from the checkout: a copied tree's .git can be stale, and the JSON records the commit.
 set -euo pipefail
 : "${OUT:?set OUT to the output folder}"
@@ -46,5 +46,18 @@ case "${1:-}" in
     timeout 330 python -m focusdllm.evaluate --tasks passkey multikey spancopy --lengths 2048 4096 8192 16384 \
       --modes dense focus-fast focus-fast-sparse focus-fast-slim-sparse focus-fast-slim-sparse@2 \
       --out "$OUT/fidelity_tail.json" 2>&1 | quiet > "$OUT/fidelity_tail.log" ;;
-  *) echo "usage: bash bench/gpu_jobs.sh tests|e2e-4k-16k|e2e-32k|e2e-64k|e2e-dream-32k|ops|fidelity|ablation|tail" >&2; exit 2 ;;
+  stage1-variants)  # stage 1's first 35 % at 320-470 tokens, 2 data variants x 2 seeds side by side on one GPU:
+    # does multikey's key matching form (bench/stage1_variants.py reads the logs)
+    for v in "base:" "keyed:--aux-keyed 0.3"; do
+      for s in 1 2; do
+        # shellcheck disable=SC2086
+        timeout "${STAGE1_SECS:-470}" python bench/train_tiny.py --preset h100 --out "/tmp/s1/${v%%:*}_s$s" --seed $s \
+          --max-len 1024 --end-at 0.35 --workers 2 --save-every 0 --eval-lengths 448,1024 --eval-n 32 \
+          --suite-lengths 1024 --suite-per-depth 4 ${v#*:} > "/tmp/s1_${v%%:*}_s$s.out" 2>&1 &
+      done
+    done
+    wait
+    python bench/stage1_variants.py /tmp/s1 --out "$OUT/stage1_variants.json"
+    for d in /tmp/s1/*/; do cp "$d/train_log.jsonl" "$OUT/train_log_s1_$(basename "$d").jsonl"; done ;;
+  *) echo "usage: bash bench/gpu_jobs.sh tests|e2e-4k-16k|e2e-32k|e2e-64k|e2e-dream-32k|ops|fidelity|ablation|tail|stage1-variants" >&2; exit 2 ;;
 esac

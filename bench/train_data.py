@@ -83,6 +83,41 @@ def copy_rows(rng: random.Random, length: int, rows: int, alphabet: int = VOCAB.
     return ids, region
 
 
+def keyed_rows(rng: random.Random, length: int, rows: int, vmin: int = 2, vmax: int = 8, share: float = 0.6,
+               v=VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
+    """Auxiliary key-matching rows: multikey's retrieval step with dozens of targets per row.
+
+    A row holds n needles `<key> kX d..d` (distinct keys, values of vmin-vmax digits), then the same needles again in
+    another order with their values as the loss region, all among filler; needles fill about `share` of the row.
+    Every needle starts with the same `<key>` marker and the two copies of a needle sit at unrelated offsets, so a
+    value's first digit is found only by matching its key token (a model that matches the marker, or copies at a fixed
+    offset as the exact copy rows allow, is right for one needle in n). -> ids (rows, length), region (rows, length).
+    """
+    ids = torch.empty(rows, length, dtype=torch.long)
+    region = torch.zeros(rows, length, dtype=torch.bool)
+    g = torch.Generator().manual_seed(rng.getrandbits(62))
+    filler = (torch.randint(0, v.n_filler, (rows, length), generator=g) + v.filler0).tolist()
+    for r in range(rows):
+        m = rng.randint(vmin, vmax)
+        n = max(2, min(v.n_keys, int(length * share) // (2 * (m + 2))))
+        n_fill = length - 2 * n * (m + 2)
+        if n_fill < 0:
+            raise ValueError(f"length={length} is too short for keyed rows of {vmax}-digit values")
+        keys = rng.sample(range(v.key0, v.key0 + v.n_keys), n)
+        vals = {k: [rng.randrange(v.digit0, v.digit0 + 10) for _ in range(m)] for k in keys}
+        order = keys + rng.sample(keys, n)  # first copies, then the masked copies in another order
+        cuts = sorted(rng.randint(0, n_fill) for _ in range(2 * n))  # filler before each needle
+        fill, row, mask, last = filler[r], [], [], 0
+        for i, (k, cut) in enumerate(zip(order, cuts)):
+            row += fill[last:cut] + [v.KEY, k, *vals[k]]
+            mask += [False] * (cut - last + 2) + [i >= n] * m
+            last = cut
+        row += fill[last:n_fill]
+        mask += [False] * (n_fill - last)
+        ids[r], region[r] = torch.tensor(row), torch.tensor(mask)
+    return ids, region
+
+
 def make_batch(rng: random.Random, length: int, rows: int, aux_frac: float = 0.0, tasks=TASKS, aux_kw=None,
                task_weights=None, edge_depth: float = 0.0, span_other: float = 0.0):
     """rows rows of `length` tokens: about aux_frac * rows copy rows, the rest random task cases
@@ -108,10 +143,15 @@ def make_batch(rng: random.Random, length: int, rows: int, aux_frac: float = 0.0
     region = torch.tensor(region, dtype=torch.bool).view(-1, length)
     kw = dict(aux_kw or {})
     n_exact = int(kw.pop("exact", 0.0) * n_aux + rng.random()) if n_aux else 0
-    for n, extra in ((n_aux - n_exact, {}), (n_exact, {"mmin": 0})):
+    keyed = kw.pop("keyed", 0.0)
+    n_keyed = min(n_aux - n_exact, int(keyed * n_aux + rng.random())) if n_aux and keyed else 0
+    for n, extra in ((n_aux - n_exact - n_keyed, {}), (n_exact, {"mmin": 0})):
         if n:
             ai, ar = copy_rows(rng, length, n, **{**kw, **extra})
             ids, region = torch.cat([ai, ids]), torch.cat([ar, region])
+    if n_keyed:
+        ai, ar = keyed_rows(rng, length, n_keyed)
+        ids, region = torch.cat([ai, ids]), torch.cat([ar, region])
     return ids, region
 
 
@@ -122,7 +162,7 @@ def step_batch(a, step: int, p: float, gate_p: float | None = None):
     length = sample_length(rng, p, a, gate_p)  # gate_p stays None unless --gate-acc is on
     rows = max(1, a.batch_tokens // length)
     aux_kw = dict(alphabet=a.aux_alphabet, mmin=a.aux_chunk[0], mmax=a.aux_chunk[1],
-                  src_frac=(a.aux_src[0], a.aux_src[1]), exact=a.aux_exact)
+                  src_frac=(a.aux_src[0], a.aux_src[1]), exact=a.aux_exact, keyed=a.aux_keyed)
     ids, region = make_batch(rng, length, rows, aux_fraction(p, a), a.tasks, aux_kw, a.task_weights, a.edge_depth,
                              a.span_other)
     return length, ids, region

@@ -215,6 +215,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--aux-src", type=lambda s: [float(x) for x in s.split(",")], default=[0.3, 0.7])
     ap.add_argument("--aux-exact", type=float, default=None,
                     help="share of copy rows that are one exact copy (src, copy, random) instead of chunks")
+    ap.add_argument("--aux-keyed", type=float, default=None,
+                    help="share of copy rows that are key-matching rows (train_data.keyed_rows)")
     ap.add_argument("--tasks", type=lambda s: tuple(s.split(",")), default=TASKS)
     ap.add_argument("--task-weights", type=lambda s: [float(x) for x in s.split(",")], default=None,
                     help="sampling weights of --tasks in training batches (default: uniform)")
@@ -248,10 +250,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stop-after", type=float, default=0.0,
                     help="minutes: write the checkpoint and stop (a fixed-step run continues with --resume)")
     a = ap.parse_args(argv)
-    defaults = dict(weight_decay=0.1, aux_start=0.5, aux_end=0.1, aux_decay=0.5, aux_exact=0.5, gate_acc=0.0,
-                    gate_max=0.5, hold=0.2, ramp=0.6, save_every=0.0, rope_theta=500000.0, final_generate=0,
-                    save_dtype="bfloat16", workers=0, compile=0, edge_depth=0.0, seed=0, end_at=1.0, loss_rows=0,
-                    sdpa="default")
+    defaults = dict(weight_decay=0.1, aux_start=0.5, aux_end=0.1, aux_decay=0.5, aux_exact=0.5, aux_keyed=0.0,
+                    gate_acc=0.0, gate_max=0.5, hold=0.2, ramp=0.6, save_every=0.0, rope_theta=500000.0,
+                    final_generate=0, save_dtype="bfloat16", workers=0, compile=0, edge_depth=0.0, seed=0, end_at=1.0,
+                    loss_rows=0, sdpa="default")
     for k, v in {**defaults, **PRESETS[a.preset]}.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
