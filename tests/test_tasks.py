@@ -250,6 +250,40 @@ def test_train_span_other_asks_a_shorter_span(span_other):
         assert answer == asked[0] + [VOCAB.eos_id] * (gl - len(asked[0]))
 
 
+@pytest.mark.parametrize("length", [320, 2048])
+def test_train_keyed_rows_are_answered_only_through_the_key(length):
+    """Keyed rows (--aux-keyed): every needle `<key> kX d..d` appears twice with distinct keys, the second copies come
+    in another order than the first, and the loss region is exactly the second copies' values, each equal to the
+    value after the same key's first copy; a batch with --aux-keyed holds that share of its copy rows as keyed rows."""
+    import random
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_data import keyed_rows, make_batch
+
+    ids, region = keyed_rows(random.Random(length), length, 6)
+    assert ids.shape == region.shape == (6, length)
+    reordered = 0
+    for row, reg in zip(ids.tolist(), region.tolist()):
+        at = [i for i, t in enumerate(row) if t == VOCAB.KEY]
+        keys = [row[i + 1] for i in at]
+        n = len(keys) // 2
+        assert n >= 2 and sorted(keys[:n]) == sorted(keys[n:]) and len(set(keys[:n])) == n
+        assert all(VOCAB.key0 <= k < VOCAB.key0 + VOCAB.n_keys for k in keys)
+        first = {row[i + 1]: i + 2 for i in at[:n]}
+        want = [False] * length
+        for i in at[n:]:
+            m = next(j for j in range(i + 2, length + 1) if j == length or not VOCAB.digit0 <= row[j] < 10) - i - 2
+            src = first[row[i + 1]]
+            assert row[i + 2: i + 2 + m] == row[src: src + m]  # the value after the same key's first copy
+            want[i + 2: i + 2 + m] = [True] * m
+        assert reg == want
+        reordered += keys[:n] != keys[n:]
+    assert reordered >= 5  # the second copies' order is drawn apart from the first
+    ids, region = make_batch(random.Random(2), length, 10, aux_frac=1.0, aux_kw={"exact": 0.0, "keyed": 0.5})
+    n_keyed = sum((row == VOCAB.KEY).sum().item() >= 4 for row in ids)
+    assert n_keyed == 5
+
+
 def test_train_compile_per_block_equals_eager():
     """--compile 2 (one compiled Block.forward for every block): the loss and gradients equal the eager model's at
     two lengths, with and without the loss rows, from one graph per call form (no recompile per block or length)."""
