@@ -46,13 +46,13 @@ case "${1:-}" in
     timeout 330 python -m focusdllm.evaluate --tasks passkey multikey spancopy --lengths 2048 4096 8192 16384 \
       --modes dense focus-fast focus-fast-sparse focus-fast-slim-sparse focus-fast-slim-sparse@2 \
       --out "$OUT/fidelity_tail.json" 2>&1 | quiet > "$OUT/fidelity_tail.log" ;;
-  stage1-variants)  # stage 1's first 35 % at 320-470 tokens, 2 data variants x 2 seeds side by side on one GPU:
+  stage1-variants)  # stage 1's first 30 % at 320-430 tokens, 2 data variants x 2 seeds side by side on one GPU:
     # does multikey's key matching form (bench/stage1_variants.py reads the logs)
     for v in "base:" "keyed:--aux-keyed 0.3"; do
       for s in 1 2; do
         # shellcheck disable=SC2086
         timeout "${STAGE1_SECS:-470}" python bench/train_tiny.py --preset h100 --out "/tmp/s1/${v%%:*}_s$s" --seed $s \
-          --max-len 1024 --end-at 0.35 --workers 2 --save-every 0 --eval-lengths 448,1024 --eval-n 32 \
+          --max-len 1024 --end-at 0.3 --workers 2 --save-every 0 --eval-lengths 448,1024 --eval-n 32 \
           --suite-lengths 1024 --suite-per-depth 4 ${v#*:} > "/tmp/s1_${v%%:*}_s$s.out" 2>&1 &
       done
     done
