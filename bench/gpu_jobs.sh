@@ -46,18 +46,18 @@ case "${1:-}" in
     timeout 330 python -m focusdllm.evaluate --tasks passkey multikey spancopy --lengths 2048 4096 8192 16384 \
       --modes dense focus-fast focus-fast-sparse focus-fast-slim-sparse focus-fast-slim-sparse@2 \
       --out "$OUT/fidelity_tail.json" 2>&1 | quiet > "$OUT/fidelity_tail.log" ;;
-  stage1-variants)  # stage 1's first 30 % at 320-430 tokens, 2 data variants x 2 seeds side by side on one GPU:
-    # does multikey's key matching form (bench/stage1_variants.py reads the logs)
-    for v in "base:" "keyed:--aux-keyed 0.3"; do
-      for s in 1 2; do
-        # shellcheck disable=SC2086
-        timeout "${STAGE1_SECS:-470}" python bench/train_tiny.py --preset h100 --out "/tmp/s1/${v%%:*}_s$s" --seed $s \
-          --max-len 1024 --end-at 0.3 --workers 2 --save-every 0 --eval-lengths 448 --eval-n 32 \
-          --suite-lengths 1024 --suite-per-depth 2 ${v#*:} > "/tmp/s1_${v%%:*}_s$s.out" 2>&1 &
-      done
+  stage1-variants)  # stage 1's first 30 % at 320-430 tokens, data variants x seeds side by side on one GPU: does
+    # multikey's key matching form (bench/stage1_variants.py reads the logs). STAGE1_RUNS: variant:seed pairs
+    declare -A flags=([base]="" [keyed]="--aux-keyed 0.3")
+    for run in ${STAGE1_RUNS:-base:1 base:2 keyed:1 keyed:2}; do
+      v=${run%%:*} s=${run#*:}
+      # shellcheck disable=SC2086
+      timeout "${STAGE1_SECS:-470}" python bench/train_tiny.py --preset h100 --out "/tmp/s1/${v}_s$s" --seed "$s" \
+        --max-len 1024 --end-at 0.3 --workers 2 --save-every 0 --eval-lengths 448 --eval-n 32 \
+        --suite-lengths 1024 --suite-per-depth 2 ${flags[$v]} > "/tmp/s1_${v}_s$s.out" 2>&1 &
     done
     wait
     python bench/stage1_variants.py /tmp/s1 --out "$OUT/stage1_variants.json"
-    for d in /tmp/s1/*/; do cp "$d/train_log.jsonl" "$OUT/train_log_s1_$(basename "$d").jsonl"; done ;;
+    for d in /tmp/s1/*/; do cp "$d/train_log.jsonl" "$OUT/train_log_s1_$(basename "$d").jsonl" || true; done ;;
   *) echo "usage: bash bench/gpu_jobs.sh tests|e2e-4k-16k|e2e-32k|e2e-64k|e2e-dream-32k|ops|fidelity|ablation|tail|stage1-variants" >&2; exit 2 ;;
 esac
