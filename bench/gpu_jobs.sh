@@ -53,7 +53,7 @@ case "${1:-}" in
       v=${run%%:*} s=${run#*:}
       # shellcheck disable=SC2086
       timeout "${STAGE1_SECS:-470}" python bench/train_tiny.py --preset h100 --out "/tmp/s1/${v}_s$s" --seed "$s" \
-        --max-len 1024 --end-at 0.3 --workers 2 --save-every 0 --eval-lengths 448 --eval-n 32 \
+        --max-len 1024 --end-at "${STAGE1_END:-0.3}" --workers 2 --save-every 0 --eval-lengths 448 --eval-n 32 \
         --suite-lengths 1024 --suite-per-depth 2 ${flags[$v]} > "/tmp/s1_${v}_s$s.out" 2>&1 &
     done
     wait
