@@ -3,7 +3,8 @@
 #
 #   FOCUSDLLM_COMMIT=$(git rev-parse --short HEAD) OUT=/path/to/out bash bench/gpu_jobs.sh <job>
 #
-# Jobs: tests | e2e-4k-16k | e2e-32k | e2e-64k | e2e-dream-32k | ops | fidelity | ablation | tail | stage1-variants
+# Jobs: tests | e2e-4k-16k | e2e-32k | e2e-64k | e2e-dream-32k | ops | fidelity | ablation | tail | stage1-variants |
+#       recipe, then recipe-collect (the whole training recipe across two calls)
 # Pass FOCUSDLLM_COMMIT from the checkout: a copied tree's .git can be stale, and the JSON records the commit.
 set -euo pipefail
 : "${OUT:?set OUT to the output folder}"
@@ -59,5 +60,20 @@ case "${1:-}" in
     wait
     python bench/stage1_variants.py /tmp/s1 --out "$OUT/stage1_variants.json"
     for d in /tmp/s1/*/; do cp "$d/train_log.jsonl" "$OUT/train_log_s1_$(basename "$d").jsonl" || true; done ;;
-  *) echo "usage: bash bench/gpu_jobs.sh tests|e2e-4k-16k|e2e-32k|e2e-64k|e2e-dream-32k|ops|fidelity|ablation|tail|stage1-variants" >&2; exit 2 ;;
+  recipe)  # the whole recipe in one process (~13-14 min and the suite eval: longer than one call), so it runs detached
+    # (setsid) on the machine; call `recipe-collect` next, within the machine's warm time. RECIPE_FLAGS go to every stage;
+    # RECIPE_ARGS replace the suite flags of train_recipe.py (a CPU check of this job: --stages smoke,smoke)
+    mkdir -p /root/recipe
+    # shellcheck disable=SC2086
+    setsid nohup python bench/train_recipe.py --out /root/recipe/model ${RECIPE_ARGS:---suite-lengths 2048,4096,8192,16384 \
+      --suite-per-depth 2,2} ${RECIPE_FLAGS:+-- $RECIPE_FLAGS} > /root/recipe/recipe.log 2>&1 < /dev/null &
+    sleep "${RECIPE_WAIT:-570}"; tail -3 /root/recipe/recipe.log ;;
+  recipe-collect)  # waits (up to ~9.5 min) for the detached recipe's verdict, then brings back its logs and weights
+    for _ in $(seq 57); do [ -f /root/recipe/model/recipe.json ] && break; sleep 10; done
+    m=/root/recipe/model
+    cp /root/recipe/recipe.log "$m/recipe.json" "$m/eval.json" "$m/config.json" "$m/model.safetensors" "$OUT/" || true
+    for st in stage1 stage2; do cp "$m/$st/train_log.jsonl" "$OUT/train_log_$st.jsonl" || true; done
+    cp "$m/train_log.jsonl" "$OUT/train_log_stage3.jsonl" || true
+    tail -3 /root/recipe/recipe.log ;;
+  *) echo "usage: bash bench/gpu_jobs.sh tests|e2e-4k-16k|e2e-32k|e2e-64k|e2e-dream-32k|ops|fidelity|ablation|tail|stage1-variants|recipe|recipe-collect" >&2; exit 2 ;;
 esac
