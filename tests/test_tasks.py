@@ -253,8 +253,9 @@ def test_train_span_other_asks_a_shorter_span(span_other):
 @pytest.mark.parametrize("length", [320, 2048])
 def test_train_keyed_rows_are_answered_only_through_the_key(length):
     """Keyed rows (--aux-keyed): every needle `<key> kX d..d` appears twice with distinct keys, the second copies come
-    in another order than the first, and the loss region is exactly the second copies' values, each equal to the
-    value after the same key's first copy; a batch with --aux-keyed holds that share of its copy rows as keyed rows."""
+    as queries (`<query>` first) in another order than the first, and the loss region is exactly the second copies'
+    values, each equal to the value after the same key's first copy; a batch with --aux-keyed holds that share of its
+    copy rows as keyed rows."""
     import random
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -269,6 +270,7 @@ def test_train_keyed_rows_are_answered_only_through_the_key(length):
         n = len(keys) // 2
         assert n >= 2 and sorted(keys[:n]) == sorted(keys[n:]) and len(set(keys[:n])) == n
         assert all(VOCAB.key0 <= k < VOCAB.key0 + VOCAB.n_keys for k in keys)
+        assert [row[i - 1] == VOCAB.QUERY for i in at] == [False] * n + [True] * n and row[0] == VOCAB.bos_id
         first = {row[i + 1]: i + 2 for i in at[:n]}
         want = [False] * length
         for i in at[n:]:
