@@ -128,7 +128,9 @@ def make_batch(rng: random.Random, length: int, rows: int, aux_frac: float = 0.0
     (drawn with `task_weights`, default uniform; prompt + answer region; a share `edge_depth` of them with
     the target needle at depth exactly 0 or 1, the rest at uniform depth) -> ids (B, L), region (B, L) bool
     (the positions that get masked). span_other: the share of span-copy rows that ask another needle's (shorter)
-    span (`ask_other_key`), which the longest-span shortcut does not answer; 0 draws nothing extra."""
+    span (`ask_other_key`), which the longest-span shortcut does not answer; 0 draws nothing extra. aux_kw: the
+    `copy_rows` arguments, plus `exact` and `keyed`, the shares of the copy rows that are exact copies and keyed rows
+    (`keyed_rows`; 0 draws nothing extra, so the batches of earlier runs stay as they were)."""
     n_aux = min(rows, int(aux_frac * rows + rng.random()))
     ids, region = [], []
     for _ in range(rows - n_aux):
