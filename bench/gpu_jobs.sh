@@ -50,6 +50,7 @@ case "${1:-}" in
   stage1-variants)  # stage 1's first 30 % at 320-430 tokens, data variants x seeds side by side on one GPU: does
     # multikey's key matching form (bench/stage1_variants.py reads the logs). STAGE1_RUNS: variant:seed pairs
     declare -A flags=([base]="" [keyed]="--aux-keyed 0.3")
+    rm -rf /tmp/s1  # a warm machine may hold an earlier call's runs
     for run in ${STAGE1_RUNS:-base:1 base:2 keyed:1 keyed:2}; do
       v=${run%%:*} s=${run#*:}
       # shellcheck disable=SC2086

@@ -105,7 +105,8 @@ def keyed_rows(rng: random.Random, length: int, rows: int, vmin: int = 2, vmax: 
         n = max(2, min(v.n_keys, int(length * share) // (2 * m + 5)))
         n_fill = length - 1 - n * (2 * m + 5)  # <bos>; a needle: 2 + m tokens; its query: 3 + m
         if n_fill < 0:
-            raise ValueError(f"length={length} is too short for keyed rows of {vmax}-digit values")
+            raise ValueError(f"length={length} is too short for two keyed needles of {m} digits and their queries: "
+                             f"raise --min-len to {1 + 2 * (2 * vmax + 5)} or pass --aux-keyed 0")
         keys = rng.sample(range(v.key0, v.key0 + v.n_keys), n)
         vals = {k: [rng.randrange(v.digit0, v.digit0 + 10) for _ in range(m)] for k in keys}
         order = keys + rng.sample(keys, n)  # first copies, then the masked copies in another order
