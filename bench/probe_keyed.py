@@ -28,20 +28,24 @@ from focusdllm.tasks import VOCAB  # noqa: E402
 
 
 @torch.no_grad()
+def masked_argmax(model, ids: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """One forward with every region position masked -> the argmax token per position (B, L)."""
+    return model(torch.where(region, VOCAB.mask_id, ids)).argmax(-1)
+
+
 def mid_row(model, length: int, rows: int, seed: int) -> dict:
     """Every query's value masked in place -> digit and first-digit accuracy of the argmax."""
     ids, region = keyed_rows(random.Random(seed), length, rows)
-    pred = model(torch.where(region, VOCAB.mask_id, ids)).argmax(-1)
+    pred = masked_argmax(model, ids, region)
     first = region & ~torch.roll(region, 1, 1)  # each value's first digit
     return {"digits": (pred[region] == ids[region]).float().mean().item(),
             "first_digits": (pred[first] == ids[first]).float().mean().item(), "values": int(first.sum())}
 
 
-@torch.no_grad()
 def copy_row_tokens(model, length: int, rows: int, seed: int, exact: bool) -> float:
     """The plain copy rows beside them (exact copies or 8-64-token chunks), every copied token masked -> accuracy."""
     ids, region = copy_rows(random.Random(seed), length, rows, **({"mmin": 0} if exact else {}))
-    pred = model(torch.where(region, VOCAB.mask_id, ids)).argmax(-1)
+    pred = masked_argmax(model, ids, region)
     return (pred[region] == ids[region]).float().mean().item()
 
 
