@@ -19,12 +19,11 @@ def summarise(log: Path) -> dict:
     """One run's train_log.jsonl -> its args that name the variant, tail loss, accuracies and multikey's misses."""
     recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     start = next(r for r in recs if r.get("event") == "start")
-    trained = next((r for r in recs if r.get("event") == "trained"), None)
+    trained = next((r for r in recs if r.get("event") == "trained"), {})  # {}: killed before the end
     args = start["args"]
     out = {"run": log.parent.name, "seed": args["seed"], "aux_keyed": args.get("aux_keyed", 0.0),
-           "span_other": args.get("span_other", 0.0), "gpu": start.get("gpu"),
-           "steps": trained["steps"] if trained else None, "train_secs": trained["train_secs"] if trained else None,
-           "tail_loss": trained.get("tail_loss") if trained else None, "finished": trained is not None}
+           "span_other": args.get("span_other", 0.0), "gpu": start.get("gpu"), "steps": trained.get("steps"),
+           "train_secs": trained.get("train_secs"), "tail_loss": trained.get("tail_loss"), "finished": bool(trained)}
     for r in recs:
         if r.get("event") in ("final_eval", "suite_eval"):
             kind = "eval" if r["event"] == "final_eval" else "suite"
